@@ -1,0 +1,399 @@
+"""Chat data: detect a dataset's format, standardize rows to messages, tokenize with an assistant mask.
+
+The mask (`assistant_masks`) is 1 exactly on each assistant turn's content plus the end-of-turn marker the
+chat template writes right after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_of_turn>`, `<|end|>`, ...), and
+0 on system/user turns, role headers, BOS and generation prompts. How it is computed:
+
+1. Render the conversation once with the tokenizer's own chat template (text) and tokenize that text once
+   with `add_special_tokens=False` (the template writes BOS itself, so there is never a second BOS) and
+   character offsets. `input_ids` are therefore exactly what `apply_chat_template` gives at inference.
+2. Find each assistant content's character span: render again with every assistant content replaced by a
+   sentinel, which splits the text into the template's own fixed pieces; the content lies between them (the
+   template may `trim` it). If the template's layout depends on the content, search forward instead.
+   Templates with `{% generation %}` markers also contribute transformers' `return_assistant_tokens_mask`
+   spans (whitespace at their edges trimmed).
+3. Extend each span over the end-of-turn marker that follows it. The marker is learned once per template by
+   rendering a probe chat: the text that follows an assistant turn both mid-chat and at the end (e.g.
+   `<|im_end|>`, `" </s>"` for Llama-2); without one, the tokenizer's eos_token if it follows.
+4. Boundary rule: a token is masked in when MORE than half of its non-whitespace characters lie inside a
+   span (a whitespace-only token: more than half of its characters; a zero-width token: when it starts
+   inside). So `"▁Sure"` after `[/INST]` (template space + content) is in, a token mostly made of header
+   text is out, and a tie is out. Decoding the masked tokens gives the contents + end-of-turn text, up to
+   whitespace at the span edges.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+FORMATS = ("sharegpt", "messages", "alpaca", "prompt_completion", "text")
+ROLES = ("system", "user", "assistant")
+DEFAULT_ROLE_MAP: dict[str, str] = {
+    "system": "system",
+    "user": "user", "human": "user", "prompter": "user",
+    "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+    "chatgpt": "assistant", "ai": "assistant",
+}  # fmt: skip
+CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")
+
+# ChatML with the tokenizer's eos token ending every turn; `{% generation %}` wraps what the model learns.
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
+    "{% endgeneration %}{% else %}{{ message['content'] + eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+_GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
+_SENTINEL = "<<lab_utils.chat:{}>>"
+_SENTINEL_RE = re.compile(r"<<lab_utils\.chat:(\d+)>>")
+_EOT_CACHE: dict[tuple, str | None] = {}
+
+
+class RowError(ValueError):
+    """A row that must be dropped (never the whole run): `reason` is a stable key, `detail` one sentence."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+# ----------------------------------------------------------------------------------------------- formats
+
+
+def _first_turn(rows: list[dict], column: str) -> dict | None:
+    """Return the first dict turn found in `column` of the sample rows, or None."""
+    for row in rows:
+        turns = row.get(column) if isinstance(row, dict) else None
+        if isinstance(turns, list):
+            for turn in turns:
+                if isinstance(turn, dict):
+                    return turn
+    return None
+
+
+def detect_format(columns: list[str], sample_rows: list[dict]) -> tuple[str, str]:
+    """Return (format, reason) for a dataset with these columns, or raise ValueError saying how to set it."""
+    cols = list(columns)
+    for col in CONVERSATION_COLUMNS:
+        if col not in cols:
+            continue
+        turn = _first_turn(sample_rows, col)
+        if turn is not None and ("from" in turn or "value" in turn):
+            return "sharegpt", f"column '{col}' holds from/value turns"
+        if turn is not None and ("role" in turn or "content" in turn):
+            return "messages", f"column '{col}' holds role/content turns"
+        if turn is None:
+            fmt = "sharegpt" if col == "conversations" else "messages"
+            return fmt, f"column '{col}' (no turns in the sample; guessed from the column name)"
+    if "instruction" in cols and "output" in cols:
+        return "alpaca", "columns 'instruction' and 'output'" + (" (+ 'input')" if "input" in cols else "")
+    if "prompt" in cols and "completion" in cols:
+        conv = any(isinstance(r.get("prompt"), list) for r in sample_rows if isinstance(r, dict))
+        return "prompt_completion", "columns 'prompt' and 'completion'" + (" (conversational)" if conv else "")
+    if "text" in cols:
+        return "text", "column 'text' holds plain text (language modelling, no turns)"
+    raise ValueError(
+        f"Cannot detect the data format: got columns {cols}; fix: set data.format to one of {list(FORMATS)} "
+        "(sharegpt/messages need 'conversations'/'messages', alpaca 'instruction'+'output', "
+        "prompt_completion 'prompt'+'completion', text 'text') or rename the columns."
+    )
+
+
+def _role_map(role_map: dict | None) -> dict[str, str]:
+    """Return DEFAULT_ROLE_MAP extended by the user's entries (keys lower-cased); ValueError on a bad target."""
+    merged = dict(DEFAULT_ROLE_MAP)
+    for key, target in (role_map or {}).items():
+        if target not in ROLES:
+            raise ValueError(f"data.role_map maps {key!r} to {target!r}; got an unknown target; fix: use one of {ROLES}")
+        merged[str(key).strip().lower()] = target
+    return merged
+
+
+def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | None = None) -> list[dict]:
+    """Return validated {'role','content'} turns from a list of turns (or a string under default_role)."""
+    if isinstance(value, str) and default_role is not None:
+        value = [{"role": default_role, "content": value}]
+    if value is None or (isinstance(value, (list, str)) and len(value) == 0):
+        raise RowError("empty", f"field '{field}' is empty")
+    if not isinstance(value, list):
+        raise RowError("missing_field", f"field '{field}' is {type(value).__name__}, expected a list of turns")
+    out = []
+    for i, turn in enumerate(value):
+        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
+        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or role is None or ("content" not in turn and "value" not in turn):
+            raise RowError("missing_field", f"{field}[{i}] needs role/content (or from/value) keys, got {turn!r:.80}")
+        if not isinstance(content, str):
+            raise RowError("non_string_content", f"{field}[{i}] content is {type(content).__name__}, expected str")
+        mapped = roles.get(role.strip().lower()) if isinstance(role, str) else None
+        if mapped is None:
+            raise RowError("unknown_role", f"{field}[{i}] has unknown role {role!r}; add it to data.role_map")
+        if not content.strip():
+            if mapped == "system":
+                continue  # an empty system prompt says nothing; dropping it keeps the row
+            raise RowError("empty_content", f"{field}[{i}] ({mapped}) has empty content")
+        out.append({"role": mapped, "content": content})
+    return out
+
+
+def _text_field(row: dict, field: str, required: bool = True) -> str:
+    """Return row[field] as a string ('' when optional and absent/None) or raise RowError."""
+    value = row.get(field)
+    if value is None and not required:
+        return ""
+    if field not in row:
+        raise RowError("missing_field", f"row has no field '{field}' (fields: {sorted(row)})")
+    if not isinstance(value, str):
+        raise RowError("non_string_content", f"field '{field}' is {type(value).__name__}, expected str")
+    if required and not value.strip():
+        raise RowError("empty_content", f"field '{field}' is empty")
+    return value
+
+
+def standardize(
+    row: dict, fmt: str, role_map: dict | None = None, system_prompt: str | None = None
+) -> list[dict]:
+    """Return the row as [{'role','content'}, ...] (user/assistant/system; 'text' for fmt='text') or raise RowError."""
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown data format {fmt!r}; fix: set data.format to one of {list(FORMATS)}")
+    roles = _role_map(role_map)
+    if fmt == "text":
+        if "text" not in row:
+            raise RowError("missing_field", f"row has no field 'text' (fields: {sorted(row)})")
+        text = row["text"]
+        if not isinstance(text, str):
+            raise RowError("non_string_content", f"field 'text' is {type(text).__name__}, expected str")
+        if not text.strip():
+            raise RowError("empty", "field 'text' is empty")
+        return [{"role": "text", "content": text}]
+    if fmt in ("sharegpt", "messages"):
+        col = next((c for c in CONVERSATION_COLUMNS if c in row), None)
+        if col is None:
+            raise RowError("missing_field", f"row has none of {list(CONVERSATION_COLUMNS)} (fields: {sorted(row)})")
+        messages = _turns(row[col], col, roles)
+    elif fmt == "alpaca":
+        instruction, extra = _text_field(row, "instruction"), _text_field(row, "input", required=False)
+        user = instruction + ("\n\n" + extra if extra.strip() else "")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text_field(row, "output")}]
+    else:  # prompt_completion: plain strings or TRL's conversational lists of messages
+        for field in ("prompt", "completion"):
+            if field not in row:
+                raise RowError("missing_field", f"row has no field '{field}' (fields: {sorted(row)})")
+        messages = _turns(row["prompt"], "prompt", roles, "user")
+        messages += _turns(row["completion"], "completion", roles, "assistant")
+    if not messages:
+        raise RowError("empty", "the conversation has no turns with content")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError("no_assistant_turn", f"no assistant turn among {len(messages)} turns: nothing to learn")
+    if messages[-1]["role"] != "assistant":
+        raise RowError(
+            "ends_on_user",
+            f"the conversation ends on a {messages[-1]['role']} turn after the last answer; "
+            "a trailing turn has no answer to learn",
+        )
+    if system_prompt and not any(m["role"] == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system_prompt})
+    return messages
+
+
+# ---------------------------------------------------------------------------------------------- template
+
+
+def ensure_chat_template(tokenizer) -> bool:
+    """Return True after setting DEFAULT_CHAT_TEMPLATE on a tokenizer that has none; False if it had one."""
+    if getattr(tokenizer, "chat_template", None):
+        return False
+    if not getattr(tokenizer, "eos_token", None):
+        raise ValueError(
+            "Cannot add the default chat template: got a tokenizer without eos_token; "
+            "fix: set tokenizer.eos_token (it ends every turn) or give the tokenizer a chat_template"
+        )
+    tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
+    return True
+
+
+def _render(tokenizer, messages: list[dict]) -> str:
+    """Return the conversation rendered by the tokenizer's chat template, or raise RowError(template_rejected)."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    except Exception as exc:  # the template is code run on row data: any failure is this row's
+        raise RowError("template_rejected", f"chat template raised {type(exc).__name__}: {exc}") from exc
+
+
+def _end_of_turn(tokenizer) -> str | None:
+    """Return the text the template writes right after an assistant's content, e.g. '<|im_end|>' (cached)."""
+    template, eos = tokenizer.get_chat_template(), getattr(tokenizer, "eos_token", None)
+    key = (template, eos, getattr(tokenizer, "bos_token", None))
+    if key not in _EOT_CACHE:
+        s = [_SENTINEL.format(f"probe{i}") for i in range(4)]
+        probe = [{"role": r, "content": c} for r, c in zip(("user", "assistant") * 2, s)]
+        eot = None
+        try:
+            text = tokenizer.apply_chat_template(probe, tokenize=False)
+            mid, final = text[text.index(s[1]) + len(s[1]) :], text[text.index(s[3]) + len(s[3]) :]
+            a, b = (tokenizer(x, add_special_tokens=False, return_offsets_mapping=True) for x in (mid, final))
+            n = 0  # common prefix in whole tokens: '<|end|>\n<|user|>' vs '<|end|>\n<|endoftext|>'
+            while n < min(len(a["input_ids"]), len(b["input_ids"])) and a["input_ids"][n] == b["input_ids"][n]:
+                n += 1
+            eot = mid[: a["offset_mapping"][n - 1][1]].rstrip() if n else None  # Llama-2 keeps ' </s>'
+        except Exception:  # a template that rejects the probe: fall back to eos below
+            pass
+        _EOT_CACHE[key] = eot if eot and eot.strip() else eos
+    return _EOT_CACHE[key]
+
+
+def _content_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]] | None:
+    """Return the character span of each assistant content in `text`, or None if they cannot be located."""
+    asst = [m["content"] for m in messages if m["role"] == "assistant"]
+    marked, k = [], 0
+    for m in messages:
+        if m["role"] == "assistant":
+            m, k = {**m, "content": _SENTINEL.format(k)}, k + 1
+        marked.append(m)
+    try:
+        parts = _SENTINEL_RE.split(tokenizer.apply_chat_template(marked, tokenize=False))
+    except Exception:
+        parts = []
+    spans, cursor = [], 0
+    if parts[1::2] == [str(i) for i in range(len(asst))]:  # template pieces, sentinel ids alternate
+        pieces = parts[0::2]
+        for i, content in enumerate(asst):
+            if not text.startswith(pieces[i], cursor):
+                break
+            start = cursor + len(pieces[i])
+            for cand in dict.fromkeys((content, content.strip(), content.lstrip(), content.rstrip())):
+                if text.startswith(cand, start) and text.startswith(pieces[i + 1], start + len(cand)):
+                    spans.append((start, start + len(cand)))
+                    cursor = start + len(cand)
+                    break
+            else:
+                break
+        if len(spans) == len(asst):
+            return spans
+    spans, cursor = [], 0  # the layout depends on the content: search forward, user turns move the cursor
+    for m in messages:
+        for cand in dict.fromkeys((m["content"], m["content"].strip())):
+            at = text.find(cand, cursor) if m["role"] != "system" else -1
+            if at >= 0:
+                cursor = at + len(cand)
+                if m["role"] == "assistant":
+                    spans.append((at, cursor))
+                break
+        else:
+            if m["role"] == "assistant":
+                return None
+    return spans
+
+
+def _generation_spans(tokenizer, messages: list[dict], offsets: list) -> list[tuple[int, int]]:
+    """Return the character spans of a template's `{% generation %}` blocks via transformers' assistant mask."""
+    out = tokenizer.apply_chat_template(
+        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+    )
+    mask = list(out["assistant_masks"])
+    if len(mask) != len(offsets):
+        return []
+    spans, i = [], 0
+    while i < len(mask):
+        if mask[i]:
+            j = i
+            while j + 1 < len(mask) and mask[j + 1]:
+                j += 1
+            spans.append((offsets[i][0], offsets[j][1]))
+            i = j
+        i += 1
+    return spans
+
+
+def _token_mask(text: str, offsets: list, spans: list[tuple[int, int]]) -> list[int]:
+    """Return 1 for each token (char offsets) that lies mostly inside the spans (see the module docstring)."""
+    mask = []
+    for s, e in offsets:
+        if e <= s:
+            mask.append(int(any(a <= s < b for a, b in spans)))
+            continue
+        token = text[s:e]
+        inside = "".join(text[max(s, a) : min(e, b)] for a, b in spans if a < e and b > s)
+        total = sum(not c.isspace() for c in token)
+        got = sum(not c.isspace() for c in inside)
+        if not total:  # a whitespace-only token: count every character
+            total, got = len(token), len(inside)
+        mask.append(int(2 * got > total))
+    return mask
+
+
+def _assistant_mask(tokenizer, messages: list[dict], text: str, offsets: list) -> list[int]:
+    """Return the assistant mask over the tokens of the rendered `text` (see the module docstring)."""
+    spans = _content_spans(tokenizer, messages, text) or []
+    if _GENERATION_TAG.search(tokenizer.get_chat_template()):
+        for a, b in _generation_spans(tokenizer, messages, offsets):
+            seg = text[a:b]
+            a, b = a + len(seg) - len(seg.lstrip()), b - (len(seg) - len(seg.rstrip()))
+            if a < b:
+                spans.append((a, b))
+    if not spans:
+        raise RowError(
+            "template_rejected",
+            "the chat template rewrites assistant content so it cannot be located; "
+            "fix: use a template with {% generation %} markers",
+        )
+    eot, eos = _end_of_turn(tokenizer), getattr(tokenizer, "eos_token", None)
+    eot_re = re.compile(r"\s*" + re.escape(eot.strip())) if eot and eot.strip() else None
+    extended = []
+    for a, b in spans:
+        if eot and text.startswith(eot, b):
+            b += len(eot)
+        elif eot_re and (m := eot_re.match(text, b)):
+            b = m.end()
+        if eos and eos != (eot or "").strip() and text.startswith(eos, b):
+            b += len(eos)
+        extended.append((a, b))
+    merged: list[tuple[int, int]] = []
+    for a, b in sorted(extended):
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
+        else:
+            merged.append((a, b))
+    return _token_mask(text, offsets, merged)
+
+
+def tokenize_chat(
+    tokenizer, messages: list[dict], max_length: int | None = None, on_too_long: str = "drop"
+) -> dict:
+    """Return {'input_ids', 'assistant_masks'} (same length) for standardized messages, or raise RowError."""
+    if on_too_long not in ("drop", "truncate"):
+        raise ValueError(f"on_too_long must be 'drop' or 'truncate', got {on_too_long!r}; fix: pick one")
+    if not messages:
+        raise RowError("empty", "no messages to tokenize")
+    if messages[0]["role"] == "text":  # plain language-model text: learn every token, end with eos
+        ids = list(tokenizer(messages[0]["content"], add_special_tokens=True)["input_ids"])
+        eos_id = getattr(tokenizer, "eos_token_id", None)
+        if eos_id is not None and (not ids or ids[-1] != eos_id):
+            ids.append(eos_id)
+        mask = [1] * len(ids)
+    else:
+        if not any(m["role"] == "assistant" for m in messages):
+            raise RowError("no_assistant_turn", f"no assistant turn among {len(messages)} messages")
+        if not getattr(tokenizer, "chat_template", None):
+            raise ValueError("Tokenizer has no chat_template; got None; fix: call ensure_chat_template(tokenizer) first")
+        if not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"tokenize_chat needs character offsets; got the slow tokenizer {type(tokenizer).__name__}; "
+                "fix: load a fast tokenizer (AutoTokenizer.from_pretrained(name), the transformers 5 default)"
+            )
+        text = _render(tokenizer, messages)
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        mask = _assistant_mask(tokenizer, messages, text, list(enc["offset_mapping"]))
+        if not any(mask):
+            raise RowError("no_assistant_turn", "no token of the rendered chat belongs to an assistant turn")
+    if max_length is not None and len(ids) > max_length:
+        if on_too_long == "drop":
+            raise RowError("too_long", f"{len(ids)} tokens > max_length {max_length}")
+        ids, mask = ids[:max_length], mask[:max_length]
+        if not any(mask):
+            raise RowError("too_long", f"no assistant token survives truncation to max_length {max_length}")
+    return {"input_ids": ids, "assistant_masks": mask}
