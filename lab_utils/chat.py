@@ -24,6 +24,7 @@ chat template writes right after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_o
 
 from __future__ import annotations
 
+import bisect
 import re
 from typing import Any
 
@@ -59,6 +60,9 @@ class RowError(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self) -> tuple:
+        return RowError, (self.reason, self.detail)  # survives datasets.map(num_proc=...) worker pickling
+
 
 # ----------------------------------------------------------------------------------------------- formats
 
@@ -92,7 +96,7 @@ def detect_format(columns: list[str], sample_rows: list[dict]) -> tuple[str, str
         return "alpaca", "columns 'instruction' and 'output'" + (" (+ 'input')" if "input" in cols else "")
     if "prompt" in cols and "completion" in cols:
         conv = any(isinstance(r.get("prompt"), list) for r in sample_rows if isinstance(r, dict))
-        return "prompt_completion", "columns 'prompt' and 'completion'" + (" (conversational)" if conv else "")
+        return "prompt_completion", "columns 'prompt' and 'completion'" + (" (conversational)" * conv)
     if "text" in cols:
         return "text", "column 'text' holds plain text (language modelling, no turns)"
     raise ValueError(
@@ -107,7 +111,7 @@ def _role_map(role_map: dict | None) -> dict[str, str]:
     merged = dict(DEFAULT_ROLE_MAP)
     for key, target in (role_map or {}).items():
         if target not in ROLES:
-            raise ValueError(f"data.role_map maps {key!r} to {target!r}; got an unknown target; fix: use one of {ROLES}")
+            raise ValueError(f"data.role_map maps {key!r} to {target!r}; fix: map it to one of {ROLES}")
         merged[str(key).strip().lower()] = target
     return merged
 
@@ -119,15 +123,17 @@ def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | No
     if value is None or (isinstance(value, (list, str)) and len(value) == 0):
         raise RowError("empty", f"field '{field}' is empty")
     if not isinstance(value, list):
-        raise RowError("missing_field", f"field '{field}' is {type(value).__name__}, expected a list of turns")
+        raise RowError("missing_field", f"field '{field}' is {type(value).__name__}, not a list of turns")
     out = []
     for i, turn in enumerate(value):
         role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
         content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
         if not isinstance(turn, dict) or role is None or ("content" not in turn and "value" not in turn):
-            raise RowError("missing_field", f"{field}[{i}] needs role/content (or from/value) keys, got {turn!r:.80}")
+            raise RowError(
+                "missing_field", f"{field}[{i}] needs role/content or from/value, got {turn!r:.60}"
+            )
         if not isinstance(content, str):
-            raise RowError("non_string_content", f"{field}[{i}] content is {type(content).__name__}, expected str")
+            raise RowError("non_string_content", f"{field}[{i}] content is {type(content).__name__}, not str")
         mapped = roles.get(role.strip().lower()) if isinstance(role, str) else None
         if mapped is None:
             raise RowError("unknown_role", f"{field}[{i}] has unknown role {role!r}; add it to data.role_map")
@@ -139,8 +145,8 @@ def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | No
     return out
 
 
-def _text_field(row: dict, field: str, required: bool = True) -> str:
-    """Return row[field] as a string ('' when optional and absent/None) or raise RowError."""
+def _text_field(row: dict, field: str, required: bool = True, blank: str = "empty_content") -> str:
+    """Return row[field] as a string ('' when optional and absent/None) or raise RowError (`blank` if blank)."""
     value = row.get(field)
     if value is None and not required:
         return ""
@@ -149,7 +155,7 @@ def _text_field(row: dict, field: str, required: bool = True) -> str:
     if not isinstance(value, str):
         raise RowError("non_string_content", f"field '{field}' is {type(value).__name__}, expected str")
     if required and not value.strip():
-        raise RowError("empty_content", f"field '{field}' is empty")
+        raise RowError(blank, f"field '{field}' is empty")
     return value
 
 
@@ -161,23 +167,17 @@ def standardize(
         raise ValueError(f"Unknown data format {fmt!r}; fix: set data.format to one of {list(FORMATS)}")
     roles = _role_map(role_map)
     if fmt == "text":
-        if "text" not in row:
-            raise RowError("missing_field", f"row has no field 'text' (fields: {sorted(row)})")
-        text = row["text"]
-        if not isinstance(text, str):
-            raise RowError("non_string_content", f"field 'text' is {type(text).__name__}, expected str")
-        if not text.strip():
-            raise RowError("empty", "field 'text' is empty")
-        return [{"role": "text", "content": text}]
+        return [{"role": "text", "content": _text_field(row, "text", blank="empty")}]
     if fmt in ("sharegpt", "messages"):
         col = next((c for c in CONVERSATION_COLUMNS if c in row), None)
         if col is None:
-            raise RowError("missing_field", f"row has none of {list(CONVERSATION_COLUMNS)} (fields: {sorted(row)})")
+            raise RowError("missing_field", f"row has none of {list(CONVERSATION_COLUMNS)}: {sorted(row)}")
         messages = _turns(row[col], col, roles)
     elif fmt == "alpaca":
         instruction, extra = _text_field(row, "instruction"), _text_field(row, "input", required=False)
         user = instruction + ("\n\n" + extra if extra.strip() else "")
-        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": _text_field(row, "output")}]
+        answer = _text_field(row, "output")
+        messages = [{"role": "user", "content": user}, {"role": "assistant", "content": answer}]
     else:  # prompt_completion: plain strings or TRL's conversational lists of messages
         for field in ("prompt", "completion"):
             if field not in row:
@@ -187,7 +187,9 @@ def standardize(
     if not messages:
         raise RowError("empty", "the conversation has no turns with content")
     if not any(m["role"] == "assistant" for m in messages):
-        raise RowError("no_assistant_turn", f"no assistant turn among {len(messages)} turns: nothing to learn")
+        raise RowError(
+            "no_assistant_turn", f"no assistant turn among {len(messages)} turns: nothing to learn"
+        )
     if messages[-1]["role"] != "assistant":
         raise RowError(
             "ends_on_user",
@@ -229,15 +231,15 @@ def _end_of_turn(tokenizer) -> str | None:
     key = (template, eos, getattr(tokenizer, "bos_token", None))
     if key not in _EOT_CACHE:
         s = [_SENTINEL.format(f"probe{i}") for i in range(4)]
-        probe = [{"role": r, "content": c} for r, c in zip(("user", "assistant") * 2, s)]
+        probe = [{"role": r, "content": c} for r, c in zip(("user", "assistant") * 2, s, strict=True)]
         eot = None
         try:
             text = tokenizer.apply_chat_template(probe, tokenize=False)
             mid, final = text[text.index(s[1]) + len(s[1]) :], text[text.index(s[3]) + len(s[3]) :]
             a, b = (tokenizer(x, add_special_tokens=False, return_offsets_mapping=True) for x in (mid, final))
-            n = 0  # common prefix in whole tokens: '<|end|>\n<|user|>' vs '<|end|>\n<|endoftext|>'
-            while n < min(len(a["input_ids"]), len(b["input_ids"])) and a["input_ids"][n] == b["input_ids"][n]:
-                n += 1
+            ia, ib, n = a["input_ids"], b["input_ids"], 0
+            while n < min(len(ia), len(ib)) and ia[n] == ib[n]:  # whole tokens: '<|end|>\n<|user|>' and
+                n += 1  # '<|end|>\n<|endoftext|>' share '<|end|>\n', not '<|end|>\n<|'
             eot = mid[: a["offset_mapping"][n - 1][1]].rstrip() if n else None  # Llama-2 keeps ' </s>'
         except Exception:  # a template that rejects the probe: fall back to eos below
             pass
@@ -293,35 +295,31 @@ def _generation_spans(tokenizer, messages: list[dict], offsets: list) -> list[tu
     out = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
     )
-    mask = list(out["assistant_masks"])
-    if len(mask) != len(offsets):
-        return []
-    spans, i = [], 0
-    while i < len(mask):
-        if mask[i]:
-            j = i
-            while j + 1 < len(mask) and mask[j + 1]:
-                j += 1
-            spans.append((offsets[i][0], offsets[j][1]))
-            i = j
-        i += 1
+    mask, spans = list(out["assistant_masks"]), []
+    for i, bit in enumerate(mask if len(mask) == len(offsets) else []):
+        if bit and i and mask[i - 1]:
+            spans[-1] = (spans[-1][0], offsets[i][1])
+        elif bit:
+            spans.append(tuple(offsets[i]))
     return spans
 
 
 def _token_mask(text: str, offsets: list, spans: list[tuple[int, int]]) -> list[int]:
-    """Return 1 for each token (char offsets) that lies mostly inside the spans (see the module docstring)."""
-    mask = []
+    """Return 1 for each token (char offsets) mostly inside the sorted, disjoint spans (module docstring, 4)."""
+    ends, mask = [b for _, b in spans], []
     for s, e in offsets:
-        if e <= s:
-            mask.append(int(any(a <= s < b for a, b in spans)))
-            continue
-        token = text[s:e]
-        inside = "".join(text[max(s, a) : min(e, b)] for a, b in spans if a < e and b > s)
-        total = sum(not c.isspace() for c in token)
-        got = sum(not c.isspace() for c in inside)
-        if not total:  # a whitespace-only token: count every character
-            total, got = len(token), len(inside)
-        mask.append(int(2 * got > total))
+        k = bisect.bisect_right(ends, s)  # the first span that ends after the token starts
+        if k == len(spans) or spans[k][0] >= max(e, s + 1):  # no overlap (zero-width: not inside)
+            mask.append(0)
+        elif spans[k][0] <= s and e <= spans[k][1]:  # wholly inside (zero-width: starts inside)
+            mask.append(1)
+        else:  # straddles a span edge: weigh its non-whitespace characters
+            token = text[s:e]
+            inside = "".join(text[max(s, a) : min(e, b)] for a, b in spans[k:] if a < e)
+            total, got = sum(not c.isspace() for c in token), sum(not c.isspace() for c in inside)
+            if not total:  # a whitespace-only token: count every character
+                total, got = len(token), len(inside)
+            mask.append(int(2 * got > total))
     return mask
 
 
@@ -378,7 +376,9 @@ def tokenize_chat(
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError("no_assistant_turn", f"no assistant turn among {len(messages)} messages")
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError("Tokenizer has no chat_template; got None; fix: call ensure_chat_template(tokenizer) first")
+            raise ValueError(
+                "Tokenizer has no chat_template; got None; fix: call ensure_chat_template(tokenizer) first"
+            )
         if not getattr(tokenizer, "is_fast", False):
             raise ValueError(
                 f"tokenize_chat needs character offsets; got the slow tokenizer {type(tokenizer).__name__}; "
