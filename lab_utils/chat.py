@@ -10,11 +10,13 @@ chat template writes right after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_o
 2. Find each assistant content's character span: render again with every assistant content replaced by a
    sentinel, which splits the text into the template's own fixed pieces; the content lies between them (the
    template may `trim` it). If the template's layout depends on the content, search forward instead.
-   Templates with `{% generation %}` markers also contribute transformers' `return_assistant_tokens_mask`
-   spans (whitespace at their edges trimmed).
+   Templates with `{% generation %}` markers are checked with transformers' `return_assistant_tokens_mask`:
+   content inside the marked blocks keeps the rule above (so markers that also wrap a role header or '\n'
+   change nothing); content that cannot be found there gives way to the marked blocks (edges trimmed).
 3. Extend each span over the end-of-turn marker that follows it. The marker is learned once per template by
-   rendering a probe chat: the text that follows an assistant turn both mid-chat and at the end (e.g.
-   `<|im_end|>`, `" </s>"` for Llama-2); without one, the tokenizer's eos_token if it follows.
+   rendering a probe chat: the whole tokens an assistant turn ends with both mid-chat and last (`<|im_end|>`,
+   `" </s>"` for Llama-2), else the special token each starts with (gpt-oss: `<|end|>` / `<|return|>`), else
+   the tokenizer's eos_token. An eos_token written right after the marker is included too.
 4. Boundary rule: a token is masked in when MORE than half of its non-whitespace characters lie inside a
    span (a whitespace-only token: more than half of its characters; a zero-width token: when it starts
    inside). So `"▁Sure"` after `[/INST]` (template space + content) is in, a token mostly made of header
@@ -49,7 +51,7 @@ DEFAULT_CHAT_TEMPLATE = (
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SENTINEL = "<<lab_utils.chat:{}>>"
 _SENTINEL_RE = re.compile(r"<<lab_utils\.chat:(\d+)>>")
-_EOT_CACHE: dict[tuple, str | None] = {}
+_EOT_CACHE: dict[tuple, tuple[str, ...]] = {}
 
 
 class RowError(ValueError):
@@ -67,24 +69,14 @@ class RowError(ValueError):
 # ----------------------------------------------------------------------------------------------- formats
 
 
-def _first_turn(rows: list[dict], column: str) -> dict | None:
-    """Return the first dict turn found in `column` of the sample rows, or None."""
-    for row in rows:
-        turns = row.get(column) if isinstance(row, dict) else None
-        if isinstance(turns, list):
-            for turn in turns:
-                if isinstance(turn, dict):
-                    return turn
-    return None
-
-
 def detect_format(columns: list[str], sample_rows: list[dict]) -> tuple[str, str]:
     """Return (format, reason) for a dataset with these columns, or raise ValueError saying how to set it."""
     cols = list(columns)
     for col in CONVERSATION_COLUMNS:
         if col not in cols:
             continue
-        turn = _first_turn(sample_rows, col)
+        rows = [r[col] for r in sample_rows if isinstance(r, dict) and isinstance(r.get(col), list)]
+        turn = next((t for turns in rows for t in turns if isinstance(t, dict)), None)
         if turn is not None and ("from" in turn or "value" in turn):
             return "sharegpt", f"column '{col}' holds from/value turns"
         if turn is not None and ("role" in turn or "content" in turn):
@@ -225,14 +217,14 @@ def _render(tokenizer, messages: list[dict]) -> str:
         raise RowError("template_rejected", f"chat template raised {type(exc).__name__}: {exc}") from exc
 
 
-def _end_of_turn(tokenizer) -> str | None:
-    """Return the text the template writes right after an assistant's content, e.g. '<|im_end|>' (cached)."""
+def _end_of_turn(tokenizer) -> tuple[str, ...]:
+    """Return the text(s) the template writes right after an assistant's content, e.g. ('<|im_end|>',) (cached)."""
     template, eos = tokenizer.get_chat_template(), getattr(tokenizer, "eos_token", None)
     key = (template, eos, getattr(tokenizer, "bos_token", None))
     if key not in _EOT_CACHE:
         s = [_SENTINEL.format(f"probe{i}") for i in range(4)]
         probe = [{"role": r, "content": c} for r, c in zip(("user", "assistant") * 2, s, strict=True)]
-        eot = None
+        eot: tuple[str, ...] = ()
         try:
             text = tokenizer.apply_chat_template(probe, tokenize=False)
             mid, final = text[text.index(s[1]) + len(s[1]) :], text[text.index(s[3]) + len(s[3]) :]
@@ -240,10 +232,14 @@ def _end_of_turn(tokenizer) -> str | None:
             ia, ib, n = a["input_ids"], b["input_ids"], 0
             while n < min(len(ia), len(ib)) and ia[n] == ib[n]:  # whole tokens: '<|end|>\n<|user|>' and
                 n += 1  # '<|end|>\n<|endoftext|>' share '<|end|>\n', not '<|end|>\n<|'
-            eot = mid[: a["offset_mapping"][n - 1][1]].rstrip() if n else None  # Llama-2 keeps ' </s>'
+            special = {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+            if n and mid[: a["offset_mapping"][n - 1][1]].strip():
+                eot = (mid[: a["offset_mapping"][n - 1][1]].rstrip(),)  # Llama-2 keeps ' </s>'
+            elif ia and ib and ia[0] in special and ib[0] in special:  # gpt-oss: <|end|> mid, <|return|> last
+                eot = (mid[slice(*a["offset_mapping"][0])], final[slice(*b["offset_mapping"][0])])
         except Exception:  # a template that rejects the probe: fall back to eos below
             pass
-        _EOT_CACHE[key] = eot if eot and eot.strip() else eos
+        _EOT_CACHE[key] = eot or ((eos,) if eos else ())
     return _EOT_CACHE[key]
 
 
@@ -325,32 +321,31 @@ def _token_mask(text: str, offsets: list, spans: list[tuple[int, int]]) -> list[
 
 def _assistant_mask(tokenizer, messages: list[dict], text: str, offsets: list) -> list[int]:
     """Return the assistant mask over the tokens of the rendered `text` (see the module docstring)."""
-    spans = _content_spans(tokenizer, messages, text) or []
+    spans = _content_spans(tokenizer, messages, text)
     if _GENERATION_TAG.search(tokenizer.get_chat_template()):
-        for a, b in _generation_spans(tokenizer, messages, offsets):
-            seg = text[a:b]
-            a, b = a + len(seg) - len(seg.lstrip()), b - (len(seg) - len(seg.rstrip()))
-            if a < b:
-                spans.append((a, b))
+        gen = _generation_spans(tokenizer, messages, offsets)
+        if gen and not (spans and all(any(a <= s and e <= b for a, b in gen) for s, e in spans)):
+            # the content is not where the markers say (or cannot be found): the markers know better
+            trim = [
+                (a + len(t) - len(t.lstrip()), b - len(t) + len(t.rstrip()))
+                for a, b in gen
+                if (t := text[a:b])
+            ]
+            spans = [(a, b) for a, b in trim if a < b]
     if not spans:
         raise RowError(
             "template_rejected",
             "the chat template rewrites assistant content so it cannot be located; "
             "fix: use a template with {% generation %} markers",
         )
-    eot, eos = _end_of_turn(tokenizer), getattr(tokenizer, "eos_token", None)
-    eot_re = re.compile(r"\s*" + re.escape(eot.strip())) if eot and eot.strip() else None
-    extended = []
-    for a, b in spans:
-        if eot and text.startswith(eot, b):
-            b += len(eot)
-        elif eot_re and (m := eot_re.match(text, b)):
-            b = m.end()
-        if eos and eos != (eot or "").strip() and text.startswith(eos, b):
-            b += len(eos)
-        extended.append((a, b))
+    eos = getattr(tokenizer, "eos_token", None)
+    eots = [re.compile(re.escape(e) + "|" + r"\s*" + re.escape(e.strip())) for e in _end_of_turn(tokenizer)]
     merged: list[tuple[int, int]] = []
-    for a, b in sorted(extended):
+    for a, b in sorted(spans):
+        if m := next((m for r in eots if (m := r.match(text, b))), None):
+            b = m.end()
+        if eos and text.startswith(eos, b) and not text[a:b].endswith(eos):
+            b += len(eos)  # an eos written right after the end-of-turn marker
         if merged and a <= merged[-1][1]:
             merged[-1] = (merged[-1][0], max(b, merged[-1][1]))
         else:
