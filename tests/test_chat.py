@@ -22,7 +22,8 @@ TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 SPECIAL = [
     "<unk>", "<s>", "</s>", "[INST]", "[/INST]", "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>",
     "<|end_header_id|>", "<|eot_id|>", "<|im_start|>", "<|im_end|>", "<|endoftext|>", "<bos>", "<eos>",
-    "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>",
+    "<start_of_turn>", "<end_of_turn>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>", "<|startoftext|>",
+    "<|start|>", "<|channel|>", "<|message|>", "<|return|>", "<|call|>",
 ]  # fmt: skip
 WORDS = (
     "the a an of to and is in it you that for on with as this be are at by what why how which when hello there "
@@ -54,6 +55,23 @@ def byte_level() -> Tokenizer:
     trainer = trainers.BpeTrainer(
         vocab_size=700,
         special_tokens=SPECIAL,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(corpus(), trainer)
+    return tok
+
+
+@pytest.fixture(scope="module")
+def base_byte_level() -> Tokenizer:
+    """Return a byte-level BPE of a base model: ChatML markers are not tokens, they split into pieces."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<|endoftext|>"]
+    trainer = trainers.BpeTrainer(
+        vocab_size=600,
+        special_tokens=specials,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -95,8 +113,10 @@ def wrap(backend: Tokenizer, template: str | None, bos: str | None, eos: str) ->
     return tok
 
 
-# name, backend fixture, bos, eos, end-of-turn text the template writes after assistant content, strips content
+# name: backend fixture, bos, eos, end-of-turn text the template writes after assistant content (mid-chat, last
+# turn), whether the template strips content
 STYLES = {
+    "gptoss": ("byte_level", "<|startoftext|>", "<|return|>", ("<|end|>", "<|return|>"), False),
     "llama3": ("byte_level", "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", True),
     "llama3_1": ("byte_level", "<|begin_of_text|>", "<|eot_id|>", "<|eot_id|>", True),
     "qwen2_5": ("byte_level", None, "<|im_end|>", "<|im_end|>", False),
@@ -132,6 +152,13 @@ def style(request, byte_level, sentencepiece):
     return request.param, wrap(backend, request.param, bos, eos), eot, strips
 
 
+def expected_runs(answers: list[str], eot: str | tuple[str, str], strips: bool) -> list[str]:
+    """Return what each masked run must decode to (stripped): the answer (as rendered) + its end-of-turn."""
+    mid, last = eot if isinstance(eot, tuple) else (eot, eot)
+    ends = [mid] * (len(answers) - 1) + [last]
+    return [((a.strip() if strips else a) + end).strip() for a, end in zip(answers, ends, strict=True)]
+
+
 def masked_runs(tok, out: dict) -> list[str]:
     """Return the decoded text of each maximal run of masked-in tokens."""
     runs, current = [], []
@@ -158,8 +185,9 @@ def test_mask_covers_each_assistant_content_and_end_of_turn_for_every_template(s
     messages = conversation(with_system=name != "gemma")
     out = tokenize_chat(tok, messages)
     assert len(out["input_ids"]) == len(out["assistant_masks"])
-    expected = [((a.strip() if strips else a) + eot).strip() for a in (ASSISTANT1, ASSISTANT2)]
-    assert [run.strip() for run in masked_runs(tok, out)] == expected
+    assert [run.strip() for run in masked_runs(tok, out)] == expected_runs(
+        [ASSISTANT1, ASSISTANT2], eot, strips
+    )
 
 
 def test_user_system_text_and_role_headers_are_never_masked_in(style):
@@ -167,16 +195,16 @@ def test_user_system_text_and_role_headers_are_never_masked_in(style):
     messages = conversation(with_system=name != "gemma")
     out = tokenize_chat(tok, messages)
     masked = "".join(masked_runs(tok, out))
-    for text in (
-        USER1,
-        USER2,
-        SYSTEM,
-        "capital of France?",
-        "Explain please",
+    headers = (
         "assistant",
         "model",
         "[INST]",
-    ):
+        "<|start|>",
+        "<|message|>",
+        "<|im_start|>",
+        "<|start_header_id|>",
+    )
+    for text in (USER1, USER2, SYSTEM, "capital of France?", "Explain please") + headers:
         assert text not in masked
     rest = unmasked_text(tok, out)
     for text in (USER1, USER2) + ((SYSTEM,) if name not in ("gemma", "mistral_v3") else ()):
@@ -199,13 +227,13 @@ def test_template_bos_appears_once_and_is_not_masked(style):
 
 
 def test_single_turn_answer_is_masked_with_its_end_of_turn(style):
-    _, tok, eot, _ = style
+    _, tok, eot, strips = style
     out = tokenize_chat(tok, [{"role": "user", "content": "hello"}, {"role": "assistant", "content": "yes"}])
-    assert [run.strip() for run in masked_runs(tok, out)] == [("yes" + eot).strip()]
+    assert [run.strip() for run in masked_runs(tok, out)] == expected_runs(["yes"], eot, strips)
 
 
 def test_short_answers_that_also_appear_in_role_headers_are_masked_in_their_own_turn(style):
-    name, tok, eot, _ = style
+    name, tok, eot, strips = style
     header_word = {"gemma": "model", "llama2": "INST", "mistral_v3": "INST", "phi3": "assistant"}.get(
         name, "assistant"
     )
@@ -216,9 +244,7 @@ def test_short_answers_that_also_appear_in_role_headers_are_masked_in_their_own_
         {"role": "assistant", "content": "user"},
     ]
     out = tokenize_chat(tok, messages)
-    assert [run.strip() for run in masked_runs(tok, out)] == [
-        (w + eot).strip() for w in (header_word, "user")
-    ]
+    assert [run.strip() for run in masked_runs(tok, out)] == expected_runs([header_word, "user"], eot, strips)
 
 
 # ------------------------------------------------------------------------------ mask, specific behaviours
@@ -281,6 +307,17 @@ def test_generation_markers_around_header_newlines_are_trimmed_to_content_and_eo
     assert not runs[1].startswith("\n") and runs[1].endswith("<|im_end|>")
 
 
+def test_generation_markers_that_wrap_the_role_header_still_mask_only_content_and_eot(byte_level):
+    template = (
+        "{% for m in messages %}{{ '<|im_start|>' }}{% if m.role == 'assistant' %}{% generation %}"
+        "{{ 'assistant\\n' + m.content + '<|im_end|>' }}{% endgeneration %}{% else %}{{ m.role + '\\n' + m.content"
+        " + '<|im_end|>' }}{% endif %}{{ '\\n' }}{% endfor %}"
+    )
+    tok = wrap(byte_level, template, None, "<|im_end|>")
+    out = tokenize_chat(tok, conversation())
+    assert masked_runs(tok, out) == [ASSISTANT1 + "<|im_end|>", ASSISTANT2 + "<|im_end|>"]
+
+
 def test_generation_markers_locate_assistant_text_the_template_rewrites(byte_level):
     template = (
         "{% for m in messages %}{{ '<|im_start|>' + m.role + '\n' }}{% if m.role == 'assistant' %}"
@@ -334,6 +371,14 @@ def test_eos_written_right_after_the_end_of_turn_is_masked_too(byte_level):
     tok = wrap(byte_level, template, None, "<|endoftext|>")
     out = tokenize_chat(tok, conversation())
     assert masked_runs(tok, out) == [ASSISTANT1 + "<|im_end|>", ASSISTANT2 + "<|im_end|><|endoftext|>"]
+
+
+def test_chatml_on_a_base_tokenizer_masks_the_whole_multi_token_end_marker(base_byte_level):
+    tok = wrap(base_byte_level, "qwen2_5", None, "<|endoftext|>")
+    out = tokenize_chat(tok, conversation())
+    assert len(tok("<|im_end|>", add_special_tokens=False)["input_ids"]) > 1  # not a token here
+    assert masked_runs(tok, out) == [ASSISTANT1 + "<|im_end|>", ASSISTANT2 + "<|im_end|>"]
+    assert "<|im_start|>" not in "".join(masked_runs(tok, out))
 
 
 def test_gemma_template_rejects_a_system_turn_so_the_row_is_dropped(sentencepiece):
