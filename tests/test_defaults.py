@@ -549,3 +549,19 @@ def test_importing_the_module_does_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=repo
     )
     assert result.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_chosen_settings_are_fields_the_pinned_trl_accepts(tmp_path):
+    """Imports trl (seconds): catches names like group_by_length that transformers 5 dropped."""
+    import dataclasses
+
+    from trl import SFTConfig
+
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    for hw in (hardware_from_name("T4"), hardware_from_name("A100-40GB"), COLAB_CPU):
+        settings = sft_kwargs(choose(hw, **LLAMA_1B))
+        assert set(settings) <= fields, hw.name
+    for hw in (hardware_from_name("T4"), COLAB_CPU):  # bf16 ones are refused on a machine without a bf16 GPU
+        config = SFTConfig(output_dir=str(tmp_path), max_length=2048, **sft_kwargs(choose(hw, **LLAMA_1B)))
+        assert config.train_sampling_strategy == "group_by_length"
