@@ -1,7 +1,56 @@
 """lab_utils: the shared work behind the QLoRA lab notebooks.
 
 `import lab_utils` is instant and needs no GPU: torch, transformers and unsloth are imported
-inside the functions that use them.
+inside the functions that use them, and the names below load their module on first use.
 """
 
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
+
+# name used by the notebooks → module that defines it
+_EXPORTS = {
+    "start": "run",
+    "Run": "run",
+    "LabError": "errors",
+    "environment_report": "environment",
+    "training_path": "environment",
+    "get_secret": "environment",
+    "in_colab": "environment",
+    "resolve_config": "config",
+    "load_tokenizer": "model",
+    "load_for_training": "model",
+    "prepare_data": ("data", "prepare"),
+    "load_prepared": "data",
+    "report_table": "data",
+    "train_settings": "training",
+    "settings_table": "training",
+    "build_trainer": "training",
+    "plan_resume": "training",
+    "train": "training",
+    "save_adapter": "training",
+    "plot_training": "plots",
+    "evaluate_run": "evaluation",
+    "show_table": "display",
+    "show_image": "display",
+    "show_masked_example": "display",
+    "detect_hardware": "defaults",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str):
+    target = _EXPORTS.get(name)
+    if target is None:
+        raise AttributeError(f"module 'lab_utils' has no attribute {name!r}")
+    module, attr = target if isinstance(target, tuple) else (target, name)
+    value = getattr(importlib.import_module(f".{module}", __name__), attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,268 @@
+"""The embedded default: a tiny Llama model and the "Pricer" chat dataset, built here, offline.
+
+Nothing on this machine can reach a model hub, so the lab ships its own default that takes
+exactly the path a hub model takes: `model.name: embedded:tiny-llama` resolves to a folder
+written once with `save_pretrained` (random init, fixed seed) and is then loaded like any hub
+checkpoint (4-bit nf4 → LoRA → SFTTrainer). `data.path: embedded:pricer` resolves to a JSONL
+file in ShareGPT form. The SentencePiece tokenizer in `assets/tokenizer/` was trained on that
+data by `python -m lab_utils.embedded tokenizer` (kept so llama.cpp's converter accepts it).
+
+The task: a product description in, its price out ("Price is $120"). The price is a
+deterministic function of the category, the tier and the pack size; brand and colour are noise.
+A tiny model learns it in a few hundred steps and the answer is measurable (mean absolute error).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+__all__ = [
+    "EMBEDDED_MODEL",
+    "EMBEDDED_DATA",
+    "is_embedded",
+    "resolve_model",
+    "resolve_data",
+    "tokenizer_dir",
+    "pricer_rows",
+    "parse_price",
+]
+
+EMBEDDED_MODEL = "embedded:tiny-llama"
+EMBEDDED_DATA = "embedded:pricer"
+
+# The tiny model's shape: small enough to train on 2 CPU cores in minutes, Llama in every detail
+# that matters to the tooling (GQA, RoPE, SwiGLU MLP, untied head, SentencePiece vocab).
+TINY_LLAMA = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 512,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 10000.0,
+    "tie_word_embeddings": False,
+    "initializer_range": 0.02,
+}
+MODEL_SEED = 0
+# A random LM head at the usual std 0.02 caps the logits near ±2.5 (final RMSNorm output has norm
+# ≈ √hidden), so a frozen head could not express a confident answer however well LoRA trains.
+# A wider head keeps the base random but lets the adapters learn the task.
+LM_HEAD_STD = 0.1
+DATA_SEED = 1234
+DATA_ROWS = 2000
+
+CATEGORIES = {  # base price in dollars
+    "wireless mouse": 20,
+    "mechanical keyboard": 45,
+    "headphones": 60,
+    "monitor": 150,
+    "webcam": 35,
+    "speaker": 70,
+    "desk lamp": 25,
+    "backpack": 55,
+}
+TIERS = {"Basic": 1, "Pro": 2, "Ultra": 3}
+PACKS = {"single": 1, "2-pack": 2}
+BRANDS = ["Nordex", "Alvio", "Kestrel", "Umbra", "Ferro", "Lumen", "Tarsus", "Oakly"]
+COLORS = ["black", "white", "blue", "red", "green", "grey"]
+QUESTIONS = [
+    "How much does this cost?",
+    "What is the price of this item?",
+    "Estimate the price:",
+    "What should this sell for?",
+]
+SYSTEM = "You are a pricing assistant. Answer with the price only."
+
+
+def _package_assets() -> Path:
+    from importlib.resources import files
+
+    return Path(str(files("lab_utils.assets")))
+
+
+def tokenizer_dir() -> Path:
+    """Return the folder of the shipped SentencePiece tokenizer (tokenizer.model + config)."""
+    return _package_assets() / "tokenizer"
+
+
+def cache_root() -> Path:
+    """Return the folder where built embedded artifacts live ($LAB_CACHE or ~/.cache/qlora-lab)."""
+    return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "qlora-lab")
+
+
+def is_embedded(name: str | None) -> bool:
+    """Return True when `name` is one of the reserved embedded names."""
+    return isinstance(name, str) and name.startswith("embedded:")
+
+
+def pricer_rows(n: int = DATA_ROWS, seed: int = DATA_SEED) -> list[dict]:
+    """Return `n` ShareGPT rows of the Pricer task, the same for the same seed."""
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        cat = rng.choice(list(CATEGORIES))
+        tier = rng.choice(list(TIERS))
+        pack = rng.choice(list(PACKS))
+        price = CATEGORIES[cat] * TIERS[tier] * PACKS[pack]
+        desc = f"{tier} {cat} by {rng.choice(BRANDS)}, {rng.choice(COLORS)}, {pack}."
+        question = f"{rng.choice(QUESTIONS)}\n{desc}"
+        if question in seen:  # every row distinct, so the demo's data report shows no duplicates
+            continue
+        seen.add(question)
+        rows.append(
+            {
+                "conversations": [
+                    {"from": "system", "value": SYSTEM},
+                    {"from": "human", "value": question},
+                    {"from": "gpt", "value": f"Price is ${price}"},
+                ]
+            }
+        )
+    return rows
+
+
+def parse_price(text: str) -> float | None:
+    """Return the first dollar amount in `text` ("Price is $120" → 120.0), or None."""
+    import re
+
+    m = re.search(r"\$\s*([0-9][0-9,]*(?:\.[0-9]+)?)", text)
+    return float(m.group(1).replace(",", "")) if m else None
+
+
+def resolve_data(path: str) -> str:
+    """Return a real file path for a data source: the embedded JSONL for `embedded:pricer`, else `path`."""
+    if not is_embedded(path):
+        return path
+    if path != EMBEDDED_DATA:
+        raise ValueError(f"data.path: unknown embedded dataset {path!r} — use {EMBEDDED_DATA!r}")
+    out = cache_root() / f"pricer-{DATA_SEED}-{DATA_ROWS}.jsonl"
+    if not out.exists():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in pricer_rows()))
+        tmp.replace(out)
+    return str(out)
+
+
+def _model_fingerprint() -> str:
+    tok = tokenizer_dir() / "tokenizer.model"
+    h = hashlib.sha256(json.dumps(TINY_LLAMA, sort_keys=True).encode())
+    h.update(f"{MODEL_SEED}-{LM_HEAD_STD}".encode())
+    h.update(tok.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def resolve_model(name: str) -> str:
+    """Return a loadable model path: the built tiny Llama folder for `embedded:tiny-llama`, else `name`."""
+    if not is_embedded(name):
+        return name
+    if name != EMBEDDED_MODEL:
+        raise ValueError(f"model.name: unknown embedded model {name!r} — use {EMBEDDED_MODEL!r}")
+    out = cache_root() / f"tiny-llama-{_model_fingerprint()}"
+    if not (out / "config.json").exists():
+        _build_tiny_llama(out)
+    return str(out)
+
+
+def _build_tiny_llama(out: Path) -> None:
+    """Write the tiny Llama (random init, fixed seed) and its tokenizer to `out`, atomically."""
+    import torch
+    from transformers import AutoTokenizer, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **TINY_LLAMA,
+    )
+    torch.manual_seed(MODEL_SEED)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        model.lm_head.weight.normal_(0.0, LM_HEAD_STD)
+    model.generation_config = GenerationConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        do_sample=False,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    shutil.copy(tokenizer_dir() / "tokenizer.model", tmp / "tokenizer.model")
+    tmp.replace(out) if not out.exists() else shutil.rmtree(tmp)
+
+
+# ---------------------------------------------------------------- building the shipped tokenizer
+
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{%- for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{%- if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
+    "{%- else %}"
+    "{{ message['content'] + '<|im_end|>' + '\n' }}"
+    "{%- endif %}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+)
+
+
+def build_tokenizer(out: Path, vocab_size: int = 512) -> None:
+    """Train the SentencePiece tokenizer on the Pricer text and save it as a HF tokenizer in `out`."""
+    import io
+
+    import sentencepiece as spm
+    from transformers import LlamaTokenizer
+
+    lines = []
+    for row in pricer_rows():
+        lines += [t["value"] for t in row["conversations"]]
+    buf = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines),
+        model_writer=buf,
+        vocab_size=vocab_size,
+        model_type="bpe",
+        character_coverage=1.0,
+        byte_fallback=True,  # any text encodes, even characters never seen in training
+        split_digits=True,  # prices are learned digit by digit
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=3,
+        user_defined_symbols=["<|im_start|>", "<|im_end|>"],
+        num_threads=1,
+        minloglevel=2,
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "tokenizer.model").write_bytes(buf.getvalue())
+    for stale in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        (out / stale).unlink(missing_ok=True)
+    tok = LlamaTokenizer.from_pretrained(str(out), legacy=False)  # converts tokenizer.model
+    tok.pad_token = "<pad>"
+    tok.eos_token = "<|im_end|>"  # generation stops at the end of the assistant turn
+    tok.chat_template = CHAT_TEMPLATE
+    tok.save_pretrained(str(out))
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["tokenizer"]:
+        target = Path(__file__).resolve().parent.parent / "assets" / "tokenizer"
+        build_tokenizer(target)
+        print(f"Saved tokenizer → {target}")
+    else:
+        print("usage: python -m lab_utils.embedded tokenizer")

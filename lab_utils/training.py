@@ -1,0 +1,314 @@
+"""QLoRA training with TRL's SFTTrainer: settings, the trainer, resume, and the final adapter.
+
+The `train:` section passes straight through to `trl.SFTConfig`; hardware-dependent values
+(micro-batch, accumulation, fp16/bf16, optimizer, gradient checkpointing) come from
+`lab_utils.defaults` unless the config sets them. Checkpoints, resume and pruning follow
+`lab_utils.checkpoints`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .checkpoints import CheckpointCallback, ResumePlan, choose_resume
+from .errors import LabError
+
+__all__ = [
+    "EXPLAIN",
+    "train_settings",
+    "settings_table",
+    "build_trainer",
+    "run_identity",
+    "plan_resume",
+    "train",
+    "save_adapter",
+    "TrainResult",
+]
+
+# One sentence per hyperparameter, shown beside its value in 02_train.
+EXPLAIN = {
+    "learning_rate": "Step size of each update; 2e-4 is the usual QLoRA rate (LoRA tolerates ~10× full fine-tuning's).",
+    "num_train_epochs": "Passes over the training rows; 1–3 is typical, more over-fits small data.",
+    "max_steps": "If > 0, stop after this many optimizer steps (overrides epochs).",
+    "lr_scheduler_type": "Cosine: the rate decays smoothly to ~0, which steadies the last steps.",
+    "warmup_steps": "Ramp the rate up over this share of steps (a value < 1 is a ratio) to avoid early spikes.",
+    "weight_decay": "L2 pull of LoRA weights toward 0; 0 is fine for short runs.",
+    "per_device_train_batch_size": "Rows per forward pass (micro-batch): as many as fit in GPU memory.",
+    "gradient_accumulation_steps": "Micro-batches summed before each update, so effective batch = micro × this.",
+    "gradient_checkpointing": "Recompute activations in the backward pass: ~30% slower, far less memory.",
+    "optim": "Optimizer: paged 8-bit AdamW on GPU keeps optimizer state small; plain AdamW on CPU.",
+    "fp16": "16-bit compute where the GPU lacks bf16 (a T4).",
+    "bf16": "bfloat16 compute on GPUs that have it (A100, L4): fp16's speed without its overflow.",
+    "train_sampling_strategy": "group_by_length batches rows of similar length, so little compute goes to padding.",
+    "packing": "Pack several rows into each sequence (with per-row positions) so no compute goes to padding.",
+    "packing_strategy": "bfd: best-fit-decreasing packing, rows are never split across sequences.",
+    "padding_free": "Concatenate rows without any padding (needs flash-attention kernels).",
+    "logging_steps": "Log the training loss every this many steps.",
+    "save_steps": "Write a checkpoint every this many steps (plus every checkpoint.save_every_minutes).",
+    "eval_steps": "Measure the validation loss every this many steps.",
+    "save_total_limit": "Keep this many newest complete checkpoints (plus the best by validation loss).",
+    "seed": "Fixes initialisation, dropout and data order, so a resumed run equals an uninterrupted one.",
+    "max_length": "Longest row in tokens (model.max_length); longer rows were dropped or cut in 01_data.",
+    "r": "LoRA rank: the width of the low-rank update; 16–64 is usual, higher learns more and costs more.",
+    "lora_alpha": "LoRA scale (update × alpha/r); alpha = 2r is the common choice.",
+    "lora_dropout": "Dropout on the LoRA input: a little regularisation for small datasets.",
+    "target_modules": "Which layers get adapters; all-linear = every attention and MLP projection.",
+}
+
+# Settings chosen from the hardware unless the config's train: section sets them.
+HARDWARE_KEYS = (
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "fp16",
+    "bf16",
+    "gradient_checkpointing",
+    "optim",
+    "train_sampling_strategy",
+    "padding_free",
+    "packing",
+    "packing_strategy",
+)
+
+
+def _model_params(cfg: dict) -> tuple[float, dict]:
+    """Return (parameter count, shape) from the model's config.json without loading weights."""
+    from transformers import AutoConfig
+
+    from .model import model_source
+
+    try:
+        mc = AutoConfig.from_pretrained(model_source(cfg), trust_remote_code=bool(cfg["model"].get("trust_remote_code")))
+    except Exception:
+        return 1.24e9, {}
+    h = getattr(mc, "hidden_size", None)
+    n = getattr(mc, "num_hidden_layers", None)
+    v = getattr(mc, "vocab_size", None)
+    inter = getattr(mc, "intermediate_size", None) or (4 * h if h else None)
+    if h and n and v:
+        params = n * (4 * h * h + 3 * h * inter) + 2 * v * h
+    else:
+        params = 1.24e9
+    return float(params), {"hidden_size": h, "num_layers": n, "vocab_size": v}
+
+
+def train_settings(run, dataset=None, hardware=None) -> dict[str, Any]:
+    """Return the resolved SFTConfig keyword arguments for this run on this machine (+ 'reasons', 'warnings')."""
+    from . import defaults
+
+    cfg = run.cfg
+    hw = hardware or defaults.detect_hardware()
+    params, shape = _model_params(cfg)
+    stats = None
+    report = run.data_dir / "data_report.json"
+    if report.exists():
+        stats = json.loads(report.read_text()).get("length_stats")
+    user = {k: v for k, v in cfg["train"].items() if k in HARDWARE_KEYS}
+    chosen = defaults.choose(
+        hw,
+        model_params=params,
+        max_length=int(cfg["model"]["max_length"]),
+        lora_r=int(cfg["lora"].get("r", 32)),
+        length_stats=stats,
+        user=user,
+        **{k: v for k, v in shape.items() if v},
+    )
+    settings = {k: v for k, v in cfg["train"].items()}
+    for k in HARDWARE_KEYS:
+        if k in chosen and k not in user:
+            settings[k] = chosen[k]
+    settings["_hardware"] = hw
+    settings["_attn_implementation"] = cfg["train"].get("attn_implementation") or chosen.get("attn_implementation")
+    settings["_estimated_peak_gib"] = chosen.get("estimated_peak_gib")
+    settings["_estimate"] = chosen.get("estimate")
+    settings["_reasons"] = chosen.get("reasons", [])
+    settings["_warnings"] = chosen.get("warnings", [])
+    for w in settings["_warnings"]:
+        print(f"⚠ {w}")
+    return settings
+
+
+def effective_batch(settings: dict) -> int:
+    """Return micro-batch × accumulation steps."""
+    return int(settings.get("per_device_train_batch_size", 8)) * int(settings.get("gradient_accumulation_steps", 1))
+
+
+def total_steps(settings: dict, n_rows: int) -> int:
+    """Return the optimizer steps the Trainer will run (max_steps, or epochs × steps per epoch)."""
+    if int(settings.get("max_steps", -1)) > 0:
+        return int(settings["max_steps"])
+    micro = int(settings.get("per_device_train_batch_size", 8))
+    accum = int(settings.get("gradient_accumulation_steps", 1))
+    batches = math.ceil(n_rows / micro)
+    per_epoch = max(batches // accum + int(batches % accum > 0), 1)
+    return int(math.ceil(per_epoch * float(settings.get("num_train_epochs", 1))))
+
+
+def settings_table(run, settings: dict, n_rows: int) -> list[dict[str, Any]]:
+    """Return rows (setting, value, why) for the notebook: every hyperparameter with its one-line reason."""
+    rows = []
+    for key, value in settings.items():
+        if key.startswith("_"):
+            continue
+        rows.append({"setting": f"train.{key}", "value": value, "why": EXPLAIN.get(key, "")})
+    for key, value in run.cfg["lora"].items():
+        rows.append({"setting": f"lora.{key}", "value": value, "why": EXPLAIN.get(key, "")})
+    rows.append({"setting": "model.max_length", "value": run.cfg["model"]["max_length"], "why": EXPLAIN["max_length"]})
+    eb = effective_batch(settings)
+    rows.append({"setting": "effective batch", "value": eb, "why": "rows per optimizer update (micro × accumulation)"})
+    rows.append({"setting": "total steps", "value": total_steps(settings, n_rows), "why": f"for {n_rows} training rows"})
+    return rows
+
+
+def run_identity(run, settings: dict, fingerprint: str | None) -> dict[str, Any]:
+    """Return what a checkpoint must share with this run to be resumed (model, LoRA, data, batch...)."""
+    lora = {k: run.cfg["lora"][k] for k in sorted(run.cfg["lora"])}
+    return {
+        "model": run.cfg["model"]["name"],
+        "max_length": run.cfg["model"]["max_length"],
+        "load_in_4bit": run.cfg["model"].get("load_in_4bit", True),
+        "lora": lora,
+        "data_fingerprint": fingerprint,
+        "effective_batch": effective_batch(settings),
+        "optim": settings.get("optim"),
+        "packing": bool(settings.get("packing")),
+    }
+
+
+def _data_fingerprint(run) -> str | None:
+    report = run.data_dir / "data_report.json"
+    if report.exists():
+        return json.loads(report.read_text()).get("fingerprint")
+    return None
+
+
+def build_trainer(run, model, tokenizer, dataset, settings: dict):
+    """Return an SFTTrainer wired to the run folder, with the checkpoint callback attached."""
+    from trl import SFTConfig, SFTTrainer
+
+    kwargs = {k: v for k, v in settings.items() if not k.startswith("_")}
+    if kwargs.pop("group_by_length", False):  # transformers 5 spelling of the old flag
+        kwargs.setdefault("train_sampling_strategy", "group_by_length")
+    keep = kwargs.pop("save_total_limit", 2)
+    kwargs.setdefault("eval_steps", kwargs.get("save_steps"))
+    kwargs.setdefault("report_to", "none")
+    has_val = "validation" in dataset and len(dataset["validation"]) > 0
+    args = SFTConfig(
+        output_dir=str(run.checkpoints_dir),
+        max_length=int(run.cfg["model"]["max_length"]),
+        save_strategy="steps",
+        eval_strategy="steps" if has_val else "no",
+        per_device_eval_batch_size=int(kwargs.get("per_device_train_batch_size", 8)),
+        save_total_limit=None,  # pruning is ours: the Trainer's would delete the best and fill Drive's trash
+        dataset_num_proc=None,
+        **kwargs,
+    )
+    ck = run.cfg.get("checkpoint", {})
+    callback = CheckpointCallback(
+        run_identity(run, settings, _data_fingerprint(run)),
+        save_every_minutes=ck.get("save_every_minutes", 20),
+        keep=keep,
+        min_free_gib=float(ck.get("min_free_gib", 0.5)),
+    )
+    trainer = SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset["train"],
+        eval_dataset=dataset["validation"] if has_val else None,
+        processing_class=tokenizer,
+        callbacks=[callback],
+    )
+    trainer._lab_callback = callback
+    return trainer
+
+
+def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
+    """Return where training starts, printing the skipped folders and one line: resume or fresh start."""
+    cb = trainer._lab_callback
+    plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
+    for line in plan.skipped:
+        print(line)
+    n_rows = len(trainer.train_dataset)
+    settings = {k: getattr(trainer.args, k) for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
+                                                       "gradient_accumulation_steps")}
+    total = total_steps(settings, n_rows)
+    if plan.checkpoint is None:
+        print(f"{plan.message} {total} steps to run.")
+    else:
+        left = max(total - plan.step, 0)
+        eta = f"about {left * plan.seconds_per_step / 60:.0f} min left" if plan.seconds_per_step else "time left unknown"
+        print(f"Resuming from {plan.checkpoint.name} (step {plan.step} of {total}, {eta})")
+    return plan
+
+
+@dataclass
+class TrainResult:
+    """What a call to train() did."""
+
+    steps: int
+    seconds: float
+    resumed_from: str | None
+    train_loss: float | None
+
+
+def _save_now(trainer) -> Path | None:
+    """Save a full checkpoint of the current state (used when the user presses stop)."""
+    step = trainer.state.global_step
+    if step == 0:
+        return None
+    ckpt = Path(trainer.args.output_dir) / f"checkpoint-{step}"
+    if ckpt.exists():
+        return ckpt
+    trainer._save_checkpoint(trainer.model, trial=None)
+    trainer._lab_callback.finalize(ckpt, trainer.state)
+    return ckpt
+
+
+def train(run, trainer, plan: ResumePlan) -> TrainResult:
+    """Run (or continue) training; on the stop button save a checkpoint first. Return a TrainResult."""
+    t0 = time.monotonic()
+    try:
+        out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+    except KeyboardInterrupt:
+        ckpt = _save_now(trainer)
+        where = f"saved {ckpt.name} → {run.display(ckpt)}" if ckpt else "nothing to save yet"
+        print(f"Stopped at step {trainer.state.global_step}: {where}. Run 02_train again to continue.")
+        raise
+    finally:
+        _write_log_history(run, trainer)
+    if trainer._lab_callback.stop_reason:
+        raise LabError(trainer._lab_callback.stop_reason)
+    loss = getattr(out, "training_loss", None)
+    return TrainResult(trainer.state.global_step, time.monotonic() - t0, plan.checkpoint.name if plan.checkpoint else None, loss)
+
+
+def _write_log_history(run, trainer) -> None:
+    path = run.dir / "log_history.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
+    os.replace(tmp, path)
+
+
+def save_adapter(run, trainer) -> Path:
+    """Save the final LoRA adapter and tokenizer to run/adapter atomically; return the folder."""
+    out = run.adapter_dir
+    tmp = out.with_name("adapter.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    trainer.model.save_pretrained(str(tmp))
+    trainer.processing_class.save_pretrained(str(tmp))
+    if out.exists():
+        old = out.with_name("adapter.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
+    print(f"Saved adapter → {run.display(out)}")
+    return out

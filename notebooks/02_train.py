@@ -1,0 +1,100 @@
+# ---
+# jupyter:
+#   accelerator: GPU
+#   colab:
+#     gpuType: T4
+#     provenance: []
+#   jupytext:
+#     formats: ipynb,py:percent
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
+# %% [markdown]
+# # 02 · Train: QLoRA that survives a disconnect
+# Trains LoRA adapters on the 4-bit base model. Checkpoints go to Drive; when Colab disconnects,
+# reconnect and **run all cells again**: training continues from the newest complete checkpoint.
+#
+# [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qlora-lab/qlora-lab/blob/main/notebooks/02_train.ipynb)
+#
+# Sections: [Setup](#Setup) · [Load](#Load) · [Configure](#Configure) · [Train](#Train) · [Result](#Result)
+
+# %% [markdown]
+# ## Setup
+# The same cell opens every notebook, so each one starts on its own after a disconnect. On Colab it
+# installs the lab with its pinned libraries (never torch: Colab's CUDA build stays) and, on a GPU,
+# unsloth; anywhere else it installs nothing.
+
+# %%
+# Setup: identical in every notebook (a test keeps it so). Safe to re-run.
+import importlib.util
+import shutil
+import subprocess
+import sys
+
+REPO_URL = "https://github.com/qlora-lab/qlora-lab"  # the one place the repository is named
+if "google.colab" in sys.modules and importlib.util.find_spec("lab_utils") is None:
+    packages = [f"qlora-lab @ git+{REPO_URL}"]
+    if shutil.which("nvidia-smi"):
+        packages.append("unsloth==2026.10.9")  # the GPU fast path
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *packages], check=True)
+
+import lab_utils as lab
+
+# %%
+RUN_NAME = "pricer-demo"  # @param {type:"string"} the run made in 00_setup
+RESTART = False  # @param {type:"boolean"} True: move this run's checkpoints aside and train from scratch
+RESUME_FROM = None  # a checkpoint folder name to resume from instead of the newest, e.g. "checkpoint-100"
+
+run = lab.start(RUN_NAME, restart=RESTART)
+path, why = lab.training_path()
+print(f"Training path: {why}")
+
+# %% [markdown]
+# ## Load
+# The processed data from 01_data, then the base model in 4 bits (NF4 with double quantization)
+# with fresh LoRA adapters on every projection layer.
+
+# %%
+tokenizer = lab.load_tokenizer(run.cfg)
+dataset = lab.load_prepared(run, tokenizer)
+settings = lab.train_settings(run)
+model, tokenizer = lab.load_for_training(
+    run.cfg, path,
+    gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
+    attn_implementation=settings.get("_attn_implementation"),
+)
+model.print_trainable_parameters()
+
+# %% [markdown]
+# ## Configure
+# Every setting with its value and the reason for it. Hardware-dependent values (batch geometry,
+# precision, optimizer) were chosen for this machine unless the config set them.
+
+# %%
+lab.show_table(lab.settings_table(run, settings, len(dataset["train"])), title="Training settings")
+for reason in settings.get("_reasons", []):
+    print("·", reason)
+
+# %%
+trainer = lab.build_trainer(run, model, tokenizer, dataset, settings)
+plan = lab.plan_resume(run, trainer, RESUME_FROM)
+
+# %% [markdown]
+# ## Train
+# The long cell. Stopping it (■) saves a checkpoint first; a disconnect loses at most
+# `checkpoint.save_every_minutes` of work.
+
+# %%
+result = lab.train(run, trainer, plan)
+
+# %% [markdown]
+# ## Result
+# The final adapter is saved beside the checkpoints; the loss curve shows how training went.
+
+# %%
+lab.save_adapter(run, trainer)
+print(f"{result.steps} steps; this session trained for {result.seconds / 60:.1f} min")
+lab.show_image(lab.plot_training(run))
