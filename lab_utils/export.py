@@ -627,12 +627,15 @@ def write_model_card(
     s += [f"# {run_name}", "",
           f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), trained with QLoRA "
           "(4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
-    s += ["## Files", "",
-          "- `adapter/` - the LoRA adapter: `PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), "
-          "repo, subfolder='adapter')`",
-          "- `merged/` - the adapter merged into the 16-bit base: "
-          "`AutoModelForCausalLM.from_pretrained(repo, subfolder='merged')`",
-          "- `gguf/` - the merged model for llama.cpp / Ollama / LM Studio (f16, q8_0, maybe q4_k_m)", ""]
+    file_lines = {
+        "adapter": "- `adapter/` - the LoRA adapter: `PeftModel.from_pretrained("
+                   "AutoModelForCausalLM.from_pretrained(base), repo, subfolder='adapter')`",
+        "merged": "- `merged/` - the adapter merged into the 16-bit base: "
+                  "`AutoModelForCausalLM.from_pretrained(repo, subfolder='merged')`",
+        "gguf": "- `gguf/` - the merged model for llama.cpp / Ollama / LM Studio: "
+                + (", ".join(f"`{g.name}`" for g in sorted((out_dir / "gguf").glob("*.gguf"))) or "f16, q8_0"),
+    }
+    s += ["## Files", "", *(file_lines[p] for p in EXPORT_PARTS if p in exported or not exported), ""]
     s += ["## Base model", "", f"`{base_model}`, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
     s += ["## Data", ""]
     if data_cfg:
