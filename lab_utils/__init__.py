@@ -37,6 +37,11 @@ _EXPORTS = {
     "show_image": "display",
     "show_masked_example": "display",
     "detect_hardware": "defaults",
+    "export_adapter": "export",
+    "export_merged": "export",
+    "export_gguf": "export",
+    "export_card": "export",
+    "push_export": "export",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

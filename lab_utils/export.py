@@ -31,7 +31,8 @@ from typing import Any
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_ENV = "QLORA_LAB_LLAMA_CPP_SDIST"  # optional: path to an already-downloaded sdist (offline use)
-CACHE_ROOT = Path(os.environ.get("QLORA_LAB_CACHE", "~/.cache/qlora-lab")).expanduser()
+from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
+from .errors import LabError  # noqa: E402
 
 # Files of vendor/llama.cpp/ that convert_hf_to_gguf.py needs: the script, its `conversion`
 # package (one module per architecture family), its own gguf-py, and the chat templates a few
@@ -125,7 +126,7 @@ def _stream(cmd: Sequence[str], env: dict[str, str] | None = None, what: str = "
     if rc != 0:
         lines = [ln.strip() for ln in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines() if ln.strip()]
         last = lines[-1] if lines else "no output"
-        raise RuntimeError(f"{what} failed / got exit code {rc}: {last} / fix: read the output above")
+        raise LabError(f"{what} failed / got exit code {rc}: {last} / fix: read the output above")
 
 
 def _device_and_dtype() -> tuple[str, Any]:
@@ -224,16 +225,16 @@ def merge_adapter(
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(
+        raise LabError(
             f"no LoRA adapter / got {adapter_dir} without adapter_config.json / fix: pass the folder the trainer saved"
         )
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
-        raise ValueError(f"bad dtype / got {dtype!r} / fix: use 'float16', 'bfloat16' or 'float32'")
+        raise LabError(f"bad dtype / got {dtype!r} / fix: use 'float16', 'bfloat16' or 'float32'")
 
     config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None):
-        raise ValueError(
+        raise LabError(
             f"base is a pre-quantized checkpoint / got {base_model_path} with a quantization_config / "
             "fix: merge into the 16-bit base (the same model id without '-bnb-4bit')"
         )
@@ -314,7 +315,7 @@ def _find_or_download_sdist(root: Path, workdir: Path) -> Path:
     env = os.environ.get(SDIST_ENV)
     if env:
         if not Path(env).is_file():
-            raise RuntimeError(f"${SDIST_ENV} is not a file / got {env} / fix: point it at {SDIST_NAME} or unset it")
+            raise LabError(f"${SDIST_ENV} is not a file / got {env} / fix: point it at {SDIST_NAME} or unset it")
         return Path(env)
     if (root / SDIST_NAME).is_file():
         return root / SDIST_NAME
@@ -326,7 +327,7 @@ def _find_or_download_sdist(root: Path, workdir: Path) -> Path:
     if res.returncode != 0 or not found:
         lines = [ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else f"exit code {res.returncode}"
-        raise RuntimeError(
+        raise LabError(
             f"cannot get llama.cpp's converter / pip download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
             f"failed: {last} / fix: connect to the internet, or put {SDIST_NAME} in {root} or set ${SDIST_ENV}"
         )
@@ -354,12 +355,12 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, out)
             n += 1
     if n == 0:
-        raise RuntimeError(f"converter not in the sdist / got no files under {prefix} in {sdist} / fix: re-download it")
+        raise LabError(f"converter not in the sdist / got no files under {prefix} in {sdist} / fix: re-download it")
 
 
 def converter_dir(cache_dir: Path | None = None) -> Path:
     """Return the cached folder holding llama.cpp's convert_hf_to_gguf.py, conversion/ and gguf-py (fetched once)."""
-    root = Path(cache_dir).expanduser() if cache_dir is not None else CACHE_ROOT
+    root = Path(cache_dir).expanduser() if cache_dir is not None else cache_root()
     folder = root / f"llama.cpp-{LLAMA_CPP_PYTHON_VERSION}"
     if _converter_ok(folder):
         return folder
@@ -371,7 +372,7 @@ def converter_dir(cache_dir: Path | None = None) -> Path:
             _extract_converter(sdist, tmp)
             (tmp / "SOURCE.txt").write_text(f"{sdist.name}\nsha256 {digest}\n")
             if not _converter_ok(tmp):
-                raise RuntimeError(f"incomplete converter / got {sorted(p.name for p in tmp.iterdir())} / fix: report this")
+                raise LabError(f"incomplete converter / got {sorted(p.name for p in tmp.iterdir())} / fix: report this")
     print(f"llama.cpp converter ready: {folder}")
     return folder
 
@@ -380,11 +381,11 @@ def to_gguf(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     """Convert a merged HF model folder to GGUF with llama.cpp's converter; return the GGUF path."""
     merged_dir, out_path = Path(merged_dir), Path(out_path)
     if outtype not in CONVERTER_OUTTYPES:
-        raise ValueError(
+        raise LabError(
             f"bad outtype / got {outtype!r} / fix: use one of {CONVERTER_OUTTYPES}; for q4_k_m run quantize_gguf on the f16 file"
         )
     if not (merged_dir / "config.json").is_file():
-        raise FileNotFoundError(f"not a model folder / got {merged_dir} without config.json / fix: run merge_adapter first")
+        raise LabError(f"not a model folder / got {merged_dir} without config.json / fix: run merge_adapter first")
     conv = converter_dir()
     weights = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
     need = int(weights * _BYTES_PER_PARAM[outtype] / 2) if weights else 0
@@ -402,7 +403,7 @@ def to_gguf(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     try:
         _stream(cmd, env=env, what=f"convert_hf_to_gguf ({outtype})")
         if not tmp.is_file():
-            raise RuntimeError(f"converter wrote nothing / got no {tmp.name} / fix: read the converter output above")
+            raise LabError(f"converter wrote nothing / got no {tmp.name} / fix: read the converter output above")
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -432,9 +433,9 @@ def quantize_gguf(src: Path, dst: Path, method: str = "q4_k_m") -> Path | None:
     """Quantize a f16/bf16/f32 GGUF with llama.cpp's llama-quantize; return dst, or None (reason printed) without one."""
     src, dst = Path(src), Path(dst)
     if method.lower() not in QUANTIZE_METHODS:
-        raise ValueError(f"bad quantization method / got {method!r} / fix: use one of {QUANTIZE_METHODS}")
+        raise LabError(f"bad quantization method / got {method!r} / fix: use one of {QUANTIZE_METHODS}")
     if not src.is_file():
-        raise FileNotFoundError(f"no source GGUF / got {src} / fix: run to_gguf(..., outtype='f16') first")
+        raise LabError(f"no source GGUF / got {src} / fix: run to_gguf(..., outtype='f16') first")
     binary = _find_quantize()
     if binary is None:
         print(
@@ -447,7 +448,7 @@ def quantize_gguf(src: Path, dst: Path, method: str = "q4_k_m") -> Path | None:
     try:
         _stream([str(binary), str(src), str(tmp), method.upper()], what=f"llama-quantize ({method})")
         if not tmp.is_file():
-            raise RuntimeError(f"llama-quantize wrote nothing / got no {tmp.name} / fix: read its output above")
+            raise LabError(f"llama-quantize wrote nothing / got no {tmp.name} / fix: read its output above")
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
@@ -495,7 +496,7 @@ def free_space_ok(path: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(p).free
     need = int(need_bytes * 1.1)
     if free < need:
-        raise OSError(
+        raise LabError(
             f"not enough disk space at {path} / got {_human(free)} free, need {_human(need)} / "
             "fix: delete old checkpoints or exports, or export to another folder (e.g. Drive)"
         )
@@ -541,7 +542,7 @@ def estimate_export_bytes(model_path: str, outtypes: Sequence[str]) -> int:
         outtypes = [outtypes]
     unknown = [o for o in outtypes if o.lower() not in _BYTES_PER_PARAM]
     if unknown:
-        raise ValueError(f"unknown export type / got {unknown} / fix: use {sorted(_BYTES_PER_PARAM)}")
+        raise LabError(f"unknown export type / got {unknown} / fix: use {sorted(_BYTES_PER_PARAM)}")
     n = _count_params(model_path)
     overhead = 20_000_000  # tokenizer, configs, GGUF metadata
     return int(sum(n * _BYTES_PER_PARAM[o.lower()] + overhead for o in outtypes))
@@ -678,14 +679,9 @@ def _get_token(token: str | None) -> str | None:
     """Return the HF token: the argument, else $HF_TOKEN, else Colab's secret 'HF_TOKEN' (never printed)."""
     if token:
         return token
-    if os.environ.get("HF_TOKEN"):
-        return os.environ["HF_TOKEN"]
-    try:
-        from google.colab import userdata  # type: ignore[import-not-found]
+    from .environment import get_secret
 
-        return userdata.get("HF_TOKEN") or None
-    except Exception:  # not on Colab, secret missing, or notebook access not granted
-        return None
+    return get_secret("HF_TOKEN") or None
 
 
 def _hub_reachable(timeout: float = 5.0) -> bool:
@@ -732,12 +728,12 @@ def push_to_hub(
     export_dir = Path(export_dir)
     bad = [w for w in what if w not in EXPORT_PARTS]
     if bad:
-        raise ValueError(f"unknown export part / got {bad} / fix: choose from {EXPORT_PARTS}")
+        raise LabError(f"unknown export part / got {bad} / fix: choose from {EXPORT_PARTS}")
     if "/" not in repo_id:
-        raise ValueError(f"repo id needs an owner / got {repo_id!r} / fix: use 'your-username/{repo_id}'")
+        raise LabError(f"repo id needs an owner / got {repo_id!r} / fix: use 'your-username/{repo_id}'")
     files = _upload_list(export_dir, what)
     if not files:
-        raise FileNotFoundError(f"nothing to upload / got no files for {list(what)} in {export_dir} / fix: run the export first")
+        raise LabError(f"nothing to upload / got no files for {list(what)} in {export_dir} / fix: run the export first")
     tok = _get_token(token)
     reason = ""
     if dry_run is None:
@@ -757,7 +753,7 @@ def push_to_hub(
             print(f"  {repo_id}: {path}  ({_human(size)})")
         return [p for p, _ in files]
     if not tok:
-        raise RuntimeError("no Hugging Face token / got none in the argument, $HF_TOKEN or Colab secrets / "
+        raise LabError("no Hugging Face token / got none in the argument, $HF_TOKEN or Colab secrets / "
                            "fix: add HF_TOKEN (write access) in Colab's key icon, or push with dry_run=True")
     from huggingface_hub import HfApi
 
@@ -773,3 +769,91 @@ def push_to_hub(
     )
     print(f"done: https://huggingface.co/{repo_id}")
     return [p for p, _ in files]
+
+
+# ---------------------------------------------------------------- run-level steps used by 04_export
+
+
+def export_adapter(run: Any, adapter_dir: Path | None = None) -> Path:
+    """Copy the run's final adapter (with its tokenizer) to export/adapter atomically; return that folder."""
+    src = Path(adapter_dir or run.adapter_dir)
+    if not (src / "adapter_config.json").is_file():
+        raise LabError(f"no adapter in {run.display(src)} — run 02_train first")
+    need = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    free_space_ok(run.dir, need)
+    dest = run.export_dir / "adapter"
+    with _atomic_dir(dest) as tmp:
+        shutil.copytree(src, tmp, dirs_exist_ok=True)
+    print(f"Saved adapter → {run.display(dest)}")
+    return dest
+
+
+def export_merged(run: Any) -> Path:
+    """Merge the adapter into the 16-bit base, check its logits against base+adapter; return the merged folder."""
+    from .display import show_table
+    from .model import model_source
+
+    base = model_source(run.cfg)
+    adapter = run.export_dir / "adapter"
+    if not adapter.is_dir():
+        adapter = export_adapter(run)
+    out = merge_adapter(
+        base, adapter, run.export_dir / "merged", trust_remote_code=bool(run.cfg["model"].get("trust_remote_code"))
+    )
+    check = check_merged(base, adapter, out)
+    show_table([{"check": k, "value": v} for k, v in check.items()], title="Merged vs base + adapter")
+    if check.get("top1_agreement", 0) < 0.99:
+        print("⚠ The merged model disagrees with base + adapter more than expected; inspect before sharing.")
+    print(f"Saved merged model → {run.display(out)}")
+    return out
+
+
+def export_gguf(run: Any, merged: Path) -> list[dict[str, Any]]:
+    """Convert the merged model to each configured GGUF type, read each back; return one row per file."""
+    rows: list[dict[str, Any]] = []
+    folder = run.export_dir / "gguf"
+    folder.mkdir(parents=True, exist_ok=True)
+    types = list(run.cfg["export"]["gguf"])
+    free_space_ok(folder, estimate_export_bytes(str(merged), types))
+    f16: Path | None = None
+    for outtype in types:
+        dst = folder / f"{run.name}-{outtype}.gguf"
+        if outtype == "q4_k_m":
+            if f16 is None:
+                f16 = to_gguf(merged, folder / f"{run.name}-f16.gguf", "f16")
+            made = quantize_gguf(f16, dst, "q4_k_m")
+            if made is None:
+                rows.append({"file": dst.name, "status": "skipped: llama-quantize not found"})
+                continue
+        else:
+            made = to_gguf(merged, dst, outtype)
+            if outtype == "f16":
+                f16 = made
+        check = check_gguf(merged, made)
+        rows.append({"file": made.name, "status": "ok", **check})
+        print(f"Saved GGUF → {run.display(made)}")
+    return rows
+
+
+def export_card(run: Any) -> Path:
+    """Write export/README.md from the run's config, data report and eval metrics; return its path."""
+    report = run.data_dir / "data_report.json"
+    metrics = run.eval_dir / "metrics.json"
+    card = write_model_card(
+        run.export_dir,
+        run_name=run.name,
+        base_model=run.cfg["model"]["name"],
+        config=run.cfg,
+        metrics=json.loads(metrics.read_text()) if metrics.is_file() else None,
+        data_report=json.loads(report.read_text()) if report.is_file() else None,
+    )
+    print(f"Saved model card → {run.display(card)}")
+    return card
+
+
+def push_export(run: Any, dry_run: bool | None = None) -> list[str]:
+    """Upload the configured export parts to export.push_repo (private by default), or list them in a dry run."""
+    cfg = run.cfg["export"]
+    return push_to_hub(
+        run.export_dir, cfg["push_repo"], what=tuple(cfg.get("push") or ("adapter",)), private=bool(cfg.get("private", True)), dry_run=dry_run
+    )

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from lab_utils.errors import LabError
+
 from lab_utils import export
 
 SECRET = "hf_testsecret123"
@@ -142,7 +144,7 @@ def test_check_merged_matches_unmerged_adapter(tiny: dict[str, Path], merged: Pa
 
 
 def test_merge_rejects_a_folder_without_adapter(tiny: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(FileNotFoundError, match="adapter_config.json.*fix:"):
+    with pytest.raises(LabError, match="adapter_config.json.*fix:"):
         export.merge_adapter(str(tiny["base"]), tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -178,7 +180,7 @@ def test_converter_files(converter: Path) -> None:
 
 
 def test_to_gguf_refuses_quantizer_types(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="quantize_gguf"):
+    with pytest.raises(LabError, match="quantize_gguf"):
         export.to_gguf(tmp_path, tmp_path / "x.gguf", "q4_k_m")
 
 
@@ -221,7 +223,7 @@ def test_converter_dir_offline_error_names_the_fix(tmp_path: Path, monkeypatch) 
         return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found\n")
 
     monkeypatch.setattr(export.subprocess, "run", fail)
-    with pytest.raises(RuntimeError) as err:
+    with pytest.raises(LabError) as err:
         export.converter_dir(tmp_path / "cache")
     msg = str(err.value)
     assert "\n" not in msg and "No matching distribution" in msg and "fix:" in msg
@@ -270,7 +272,7 @@ def test_quantize_uses_llama_quantize_on_path(tmp_path: Path, monkeypatch) -> No
 
 def test_free_space_ok(tmp_path: Path) -> None:
     assert export.free_space_ok(tmp_path / "not" / "yet", 1000) is None
-    with pytest.raises(OSError) as err:
+    with pytest.raises(LabError) as err:
         export.free_space_ok(tmp_path, 10**18)
     msg = str(err.value)
     assert "\n" not in msg and "free" in msg and "fix:" in msg
@@ -286,7 +288,7 @@ def test_estimate_export_bytes(tiny: dict[str, Path]) -> None:
     f16 = export.estimate_export_bytes(str(tiny["base"]), ["f16"])
     both = export.estimate_export_bytes(str(tiny["base"]), ["merged", "f16", "q8_0"])
     assert f16 >= 2 * n and both > 2 * f16
-    with pytest.raises(ValueError, match="fix:"):
+    with pytest.raises(LabError, match="fix:"):
         export.estimate_export_bytes(str(tiny["base"]), ["q3_xyz"])
 
 
@@ -373,7 +375,7 @@ def test_push_without_token_is_a_dry_run(tmp_path, tiny, merged, monkeypatch, ca
     monkeypatch.setitem(sys.modules, "google.colab", None)  # not on Colab
     export.push_to_hub(out, "student/tiny-run", what=("adapter",))
     assert "dry run (no HF token" in capsys.readouterr().out
-    with pytest.raises(ValueError, match="owner"):
+    with pytest.raises(LabError, match="owner"):
         export.push_to_hub(out, "tiny-run", dry_run=True)
 
 

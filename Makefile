@@ -1,0 +1,33 @@
+# The README's commands. Everything runs inside .venv at the repository root.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+# torch is pinned here, not in the package: 2.13.0 is a CPU wheel on these machines, while an
+# unpinned torch would pull a multi-GB CUDA build (and on Colab the preinstalled CUDA torch stays).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+demo: install
+	LAB_ROOT=$${LAB_ROOT:-./runs} $(BIN)/python -m lab_utils demo
+
+test: install
+	$(BIN)/python -m pytest
+
+bench: install
+	$(BIN)/python bench/run.py
+
+lint: install
+	$(BIN)/ruff check lab_utils tests bench notebooks/*.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,68 @@
+"""Command line: `python -m lab_utils demo` and `python -m lab_utils defaults ...`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+NOTEBOOKS = ("00_setup", "01_data", "02_train", "03_evaluate", "04_export")
+
+
+def _notebooks_dir() -> Path:
+    for base in (Path.cwd(), Path(__file__).resolve().parent.parent):
+        if (base / "notebooks" / "00_setup.py").exists():
+            return base / "notebooks"
+    raise SystemExit("✗ notebooks/ not found — run `make demo` from the repository root")
+
+
+def demo() -> int:
+    """Run the five notebooks as scripts on the embedded default, then print a summary."""
+    os.environ.setdefault("LAB_ROOT", str(Path("runs").resolve()))
+    os.environ["PYTHONUNBUFFERED"] = "1"
+    folder = _notebooks_dir()
+    t0 = time.monotonic()
+    for name in NOTEBOOKS:
+        print(f"\n━━━ {name} ━━━", flush=True)
+        t = time.monotonic()
+        rc = subprocess.call([sys.executable, str(folder / f"{name}.py")])
+        if rc != 0:
+            print(f"✗ {name} failed (exit {rc}); see its output above", file=sys.stderr)
+            return rc
+        print(f"✓ {name} done in {time.monotonic() - t:.0f} s", flush=True)
+    from .config import resolve_config
+
+    cfg = resolve_config()
+    run_dir = Path(os.environ["LAB_ROOT"]).resolve() / cfg["run_name"]
+    metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    base, tuned = metrics["base"], metrics["tuned"]
+    print("\n━━━ Summary ━━━")
+    print(f"Run folder:       {run_dir}")
+    print(f"Validation loss:  base {base['loss']:.3f} → tuned {tuned['loss']:.3f} ({tuned['loss'] / base['loss']:.2f}×)")
+    extra = [k for k in base if k not in ("loss", "perplexity") and isinstance(base[k], (int, float))]
+    for k in extra:
+        print(f"{k + ':':<18}base {base[k]:.3f} → tuned {tuned[k]:.3f}")
+    print(f"Elapsed:          {(time.monotonic() - t0) / 60:.1f} min")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m lab_utils {demo | defaults [--gpu T4 --model-params 1.24e9 --max-length 2048 --json]}")
+        return 0
+    if argv[0] == "demo":
+        return demo()
+    if argv[0] == "defaults":
+        from .defaults import cli
+
+        return cli(argv[1:])
+    print(f"✗ unknown command {argv[0]!r} — use demo or defaults", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
