@@ -108,7 +108,9 @@ def lora_config(cfg: dict):
 def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
     """Return the 4-bit model prepared for k-bit training with fresh LoRA adapters attached."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
+    set_seed(int(cfg["train"].get("seed", 42)))  # LoRA's random init, the same for the same seed in any process
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:

@@ -188,9 +188,44 @@ def _data_fingerprint(run) -> str | None:
     return None
 
 
+def _trainer_class():
+    """Return SFTTrainer with length grouping made resumable: each epoch's order depends on (seed, epoch) only."""
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+    from trl import SFTTrainer
+
+    class EpochSeededLengthGroupedSampler(LengthGroupedSampler):
+        # transformers draws the grouped order from the global RNG, so a run resumed in its second
+        # epoch would see another order than the uninterrupted run. The Trainer calls set_epoch().
+        def __init__(self, *args, seed: int = 42, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.seed, self.epoch = seed, 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = int(epoch)
+
+        def __iter__(self):
+            self.generator = torch.Generator().manual_seed(self.seed + self.epoch)
+            return super().__iter__()
+
+    class LabSFTTrainer(SFTTrainer):
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if type(sampler) is LengthGroupedSampler:
+                seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+                return EpochSeededLengthGroupedSampler(
+                    sampler.batch_size, lengths=sampler.lengths, seed=int(seed)
+                )
+            return sampler
+
+    return LabSFTTrainer
+
+
 def build_trainer(run, model, tokenizer, dataset, settings: dict):
     """Return an SFTTrainer wired to the run folder, with the checkpoint callback attached."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTConfig
+
+    SFTTrainer = _trainer_class()
 
     kwargs = {k: v for k, v in settings.items() if not k.startswith("_")}
     if kwargs.pop("group_by_length", False):  # transformers 5 spelling of the old flag
@@ -224,6 +259,14 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
         processing_class=tokenizer,
         callbacks=[callback],
     )
+    # TRL casts a quantized model's trainable (LoRA) weights to bf16, but the Trainer's resume reloads
+    # them through PEFT, which upcasts to fp32: a resumed run would then differ from an uninterrupted
+    # one. Keep the adapters in fp32 from the start (PEFT's own default; a T4 has no bf16 anyway).
+    import torch
+
+    for param in trainer.model.parameters():
+        if param.requires_grad and param.dtype != torch.float32:
+            param.data = param.data.float()
     trainer._lab_callback = callback
     return trainer
 
