@@ -27,6 +27,7 @@ _EXPORTS = {
     "report_table": "data",
     "train_settings": "training",
     "settings_table": "training",
+    "memory_table": "training",
     "build_trainer": "training",
     "plan_resume": "training",
     "train": "training",

@@ -268,6 +268,7 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
     trainer._lab_callback = callback
+    trainer._lab_settings = dict(settings)
     return trainer
 
 
@@ -313,18 +314,69 @@ def _save_now(trainer) -> Path | None:
     return ckpt
 
 
+def _rebuild_after_oom(run, trainer, settings: dict):
+    """Return a new trainer on the same model and data with `settings`, keeping the user's extra callbacks."""
+    import gc
+
+    import torch
+
+    extra = [
+        cb
+        for cb in trainer.callback_handler.callbacks
+        if not type(cb).__module__.startswith("transformers") and not isinstance(cb, CheckpointCallback)
+    ]
+    model, tok = trainer.model, trainer.processing_class
+    data = {"train": trainer.train_dataset}
+    if trainer.eval_dataset is not None:
+        data["validation"] = trainer.eval_dataset
+    trainer.optimizer = trainer.lr_scheduler = None
+    del trainer
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    new = build_trainer(run, model, tok, data, settings)
+    for cb in extra:
+        new.add_callback(cb)
+    return new
+
+
 def train(run, trainer, plan: ResumePlan) -> TrainResult:
-    """Run (or continue) training; on the stop button save a checkpoint first. Return a TrainResult."""
+    """Run (or continue) training; back off on CUDA out-of-memory; on the stop button save first. Return a TrainResult."""
+    from . import defaults
+
     t0 = time.monotonic()
-    try:
-        out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
-    except KeyboardInterrupt:
-        ckpt = _save_now(trainer)
-        where = f"saved {ckpt.name} → {run.display(ckpt)}" if ckpt else "nothing to save yet"
-        print(f"Stopped at step {trainer.state.global_step}: {where}. Run 02_train again to continue.")
-        raise
-    finally:
-        _write_log_history(run, trainer)
+    while True:
+        try:
+            out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
+            break
+        except KeyboardInterrupt:
+            ckpt = _save_now(trainer)
+            where = f"saved {ckpt.name} → {run.display(ckpt)}" if ckpt else "nothing to save yet"
+            print(f"Stopped at step {trainer.state.global_step}: {where}. Run 02_train again to continue.")
+            _write_log_history(run, trainer)
+            raise
+        except Exception as e:  # only CUDA out-of-memory is handled; everything else propagates
+            if not defaults.is_oom(e):
+                raise
+            old = {k: getattr(trainer.args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
+                                                         "gradient_checkpointing")}
+            settings = {**trainer._lab_settings, **old}
+            smaller = defaults.backoff(settings)
+            if smaller is None:
+                raise LabError(
+                    "out of GPU memory even at micro-batch 1 with gradient checkpointing — lower model.max_length, "
+                    "use a smaller model, or a GPU with more memory"
+                ) from None
+            print(
+                f"Out of GPU memory at micro-batch {old['per_device_train_batch_size']}: continuing from the last "
+                f"checkpoint with micro-batch {smaller['per_device_train_batch_size']} × accumulation "
+                f"{smaller['gradient_accumulation_steps']} (same effective batch"
+                f"{', gradient checkpointing on' if smaller.get('gradient_checkpointing') and not old['gradient_checkpointing'] else ''})."
+            )
+            geometry = {k: smaller[k] for k in old if k in smaller}
+            trainer = _rebuild_after_oom(run, trainer, {**trainer._lab_settings, **geometry})
+            plan = plan_resume(run, trainer)
+    _write_log_history(run, trainer)
     if trainer._lab_callback.stop_reason:
         raise LabError(trainer._lab_callback.stop_reason)
     loss = getattr(out, "training_loss", None)
@@ -355,3 +407,18 @@ def save_adapter(run, trainer) -> Path:
         os.replace(tmp, out)
     print(f"Saved adapter → {run.display(out)}")
     return out
+
+
+def memory_table(settings: dict) -> list[dict[str, Any]]:
+    """Return the memory estimate's breakdown as table rows (part, GiB, what it counts)."""
+    est = settings.get("_estimate") or {}
+    notes = (est.get("assumptions") or {}).get("notes", {})
+    rows = []
+    for part in ("weights", "lora", "optimizer", "gradients", "activations", "overhead"):
+        if f"{part}_gib" in est:
+            rows.append({"part": part, "GiB": round(est[f"{part}_gib"], 2), "what": notes.get(part, "")})
+    if "total_gib" in est:
+        hw = settings.get("_hardware")
+        cap = f" of {hw.memory_gib:.1f} GiB ({hw.name})" if hw is not None else ""
+        rows.append({"part": "estimated peak", "GiB": round(est["total_gib"], 2), "what": cap.strip()})
+    return rows

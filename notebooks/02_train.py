@@ -84,6 +84,14 @@ lab.show_table(lab.settings_table(run, settings, len(dataset["train"])), title="
 for reason in settings.get("_reasons", []):
     print("·", reason)
 
+# %% [markdown]
+# The memory estimate for these settings, before anything is allocated: if it is close to the
+# GPU's size, lower `model.max_length` or the micro-batch. An out-of-memory error during training
+# halves the micro-batch (same effective batch) and continues from the last checkpoint.
+
+# %%
+lab.show_table(lab.memory_table(settings), title="Estimated peak memory")
+
 # %%
 trainer = lab.build_trainer(run, model, tokenizer, dataset, settings)
 plan = lab.plan_resume(run, trainer, RESUME_FROM)

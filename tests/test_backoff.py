@@ -1,0 +1,54 @@
+"""User story: CUDA runs out of memory mid-run; training halves the micro-batch and continues."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.slow
+
+
+def test_out_of_memory_halves_micro_batch_keeps_effective_batch_and_resumes(lab_root, capsys):
+    from transformers import TrainerCallback
+
+    import lab_utils as lab
+
+    form = {
+        "data.limit": 240,
+        "model.max_length": 128,
+        "train.max_steps": 16,
+        "train.save_steps": 8,
+        "train.learning_rate": 1e-3,
+        "train.per_device_train_batch_size": 8,
+        "train.gradient_accumulation_steps": 2,
+    }
+    run = lab.start("oom", form=form)
+    tok = lab.load_tokenizer(run.cfg)
+    ds = lab.prepare_data(run, tok)
+    settings = lab.train_settings(run)
+    model, tok = lab.load_for_training(run.cfg, "plain")
+    trainer = lab.build_trainer(run, model, tok, ds, settings)
+    seen = []
+
+    class FakeSmallGPU(TrainerCallback):
+        """Raise the error CUDA raises when a micro-batch of more than 4 rows meets a small GPU (after step 10)."""
+
+        def on_step_begin(self, args, state, control, **kw):
+            seen.append((state.global_step, args.per_device_train_batch_size))
+            if state.global_step >= 10 and args.per_device_train_batch_size > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.add_callback(FakeSmallGPU())
+    result = lab.train(run, trainer, lab.plan_resume(run, trainer))
+    out = capsys.readouterr().out
+    assert "Out of GPU memory at micro-batch 8: continuing from the last checkpoint with micro-batch 4 × accumulation 4" in out
+    assert "Resuming from checkpoint-8 (step 8 of 16" in out
+    assert result.steps == 16
+    assert (run.checkpoints_dir / "checkpoint-16" / "lab_manifest.json").exists()
+    assert seen[-1] == (15, 4)
+
+
+def test_out_of_memory_at_micro_batch_one_with_checkpointing_gives_a_clear_error(lab_root):
+    from lab_utils.defaults import backoff
+
+    assert backoff({"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True}) is None
