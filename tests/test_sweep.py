@@ -215,7 +215,7 @@ CONFIG = {
 @pytest.mark.slow
 def test_sweep_survives_a_kill_and_finishes_with_table_plots_and_best_config(tmp_path):
     cfg_path = tmp_path / "lab.yml"
-    cfg_path.write_text(yaml.safe_dump(CONFIG))
+    cfg_path.write_text(yaml.safe_dump(CONFIG, sort_keys=False))  # keep the space in order
     env = {"LAB_ROOT": str(tmp_path / "runs"), "LAB_CONFIG": str(cfg_path)}
     for name in ("00_setup", "01_data"):
         proc = run_script(name, env)
