@@ -43,6 +43,12 @@ _EXPORTS = {
     "export_gguf": "export",
     "export_card": "export",
     "push_export": "export",
+    "plan_sweep": "sweep",
+    "plan_table": "sweep",
+    "run_sweep": "sweep",
+    "sweep_table": "sweep",
+    "plot_sweep": "sweep",
+    "write_best_config": "sweep",
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

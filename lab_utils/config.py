@@ -60,11 +60,24 @@ DEFAULTS: dict[str, Any] = {
     "checkpoint": {"save_every_minutes": 20.0, "min_free_gib": 0.5},
     "eval": {"num_generations": 8, "max_new_tokens": 16, "metric": "auto", "metric_pattern": None},
     "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True},
+    # 05_sweep: short trials over `space` (dotted train.*/lora.* keys → values), each on a data subset.
+    "sweep": {
+        "method": "grid",  # grid: every combination; random: `trials` draws
+        "space": {"train.learning_rate": [2e-4, 1e-3], "lora.r": [8, 32]},
+        "trials": 4,  # random search: number of draws
+        "rows": 1000,  # training rows per trial (None: all)
+        "max_steps": 40,  # optimizer steps per trial
+        "val_rows": 64,  # validation rows for each trial's loss and task metric
+        "select_by": "eval_loss",  # or a task metric such as price_mae
+        "seed": 42,
+    },
 }
 
 # Keys a user sets outside the section table.
 _TOP_LEVEL = {"run_name", "profile"}
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Mappings that a layer replaces whole instead of merging key by key.
+_REPLACED = {"role_map", "space"}
 
 
 def _library_fields(section: str) -> set[str]:
@@ -117,7 +130,7 @@ def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
 def _merge(base: dict, over: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "role_map":
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _REPLACED:
             out[key] = _merge(out[key], value, f"{where}{key}.")
         else:
             out[key] = copy.deepcopy(value)
@@ -156,7 +169,7 @@ def validate(cfg: dict) -> dict:
             raise LabError(f"unknown config section {key!r}{_nearest(key, list(DEFAULTS))}")
         if not isinstance(cfg[key], dict):
             raise LabError(f"config section {key!r} must be a mapping, got {cfg[key]!r}")
-    for section in ("model", "data", "checkpoint", "eval", "export"):
+    for section in ("model", "data", "checkpoint", "eval", "export", "sweep"):
         for key in cfg.get(section, {}):
             if key not in DEFAULTS[section]:
                 raise LabError(f"unknown key {section}.{key}{_nearest(key, DEFAULTS[section])}")
@@ -210,7 +223,37 @@ def validate(cfg: dict) -> dict:
     _check_number(
         "checkpoint.save_every_minutes", cfg["checkpoint"].get("save_every_minutes"), "20", lo=0, lo_open=True
     )
+    if "sweep" in cfg:
+        _validate_sweep({**DEFAULTS["sweep"], **cfg["sweep"]})
     return cfg
+
+
+def _validate_sweep(s: dict) -> None:
+    """Check the sweep: section (05_sweep); LabError naming the key and the fix otherwise."""
+    if s["method"] not in ("grid", "random"):
+        raise LabError(f"sweep.method must be 'grid' or 'random', got {s['method']!r}")
+    for key, lo in (("trials", 1), ("max_steps", 1), ("val_rows", 1), ("rows", 1)):
+        if key != "rows" or s[key] is not None:
+            _check_number(f"sweep.{key}", s[key], str(DEFAULTS["sweep"][key]), lo=lo)
+    space = s["space"]
+    if not isinstance(space, dict) or not space:
+        raise LabError(f"sweep.space must map keys to values to try, got {space!r} — e.g. {{train.learning_rate: [2e-4, 1e-3]}}")
+    for key, values in space.items():
+        section, _, field = str(key).partition(".")
+        if section not in ("train", "lora") or not field:
+            raise LabError(f"sweep.space key {key!r} is not a train.* or lora.* key — e.g. train.learning_rate or lora.r")
+        if field not in _library_fields(section):
+            raise LabError(f"sweep.space key {key!r} is not a {section} field{_nearest(field, _library_fields(section))}")
+        if key in ("train.max_steps", "train.num_train_epochs", "train.save_steps"):
+            raise LabError(f"sweep.space cannot vary {key}: the sweep sets it — use sweep.max_steps for the budget")
+        ranged = isinstance(values, dict) and s["method"] == "random"
+        if ranged and (set(values) - {"min", "max", "log"} or not {"min", "max"} <= set(values)):
+            raise LabError(f"sweep.space.{key} range must be {{min: …, max: …, log: true|false}}, got {values!r}")
+        if ranged:
+            _check_number(f"sweep.space.{key}.min", values["min"], "1e-4")
+            _check_number(f"sweep.space.{key}.max", values["max"], "1e-3", lo=values["min"])
+        elif not isinstance(values, list) or not values:
+            raise LabError(f"sweep.space.{key} must be a non-empty list of values to try, got {values!r} — e.g. [8, 32]")
 
 
 def resolve_config(form: dict | None = None, yaml_path: str | None = None, base: dict | None = None) -> dict:
