@@ -43,6 +43,7 @@ HARMLESS = (
     "checkpoint.",
     "eval.",
     "export.",
+    "sweep.",
 )
 
 
