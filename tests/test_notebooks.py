@@ -10,7 +10,7 @@ import pytest
 
 from conftest import NOTEBOOKS, REPO
 
-EXPECTED = ["00_setup", "01_data", "02_train", "03_evaluate", "04_export"]
+EXPECTED = ["00_setup", "01_data", "02_train", "03_evaluate", "04_export", "05_sweep"]
 PAIRS = sorted(p.stem for p in NOTEBOOKS.glob("*.py"))
 ALLOWED_METADATA = {"accelerator", "colab", "jupytext", "kernelspec", "language_info"}
 
