@@ -108,6 +108,12 @@ def _role_map(role_map: dict | None) -> dict[str, str]:
     return merged
 
 
+def _either(turn: dict, key: str, alias: str) -> Any:
+    """Return turn[key] unless it is absent or None, else turn[alias] (role/from, content/value)."""
+    value = turn.get(key)
+    return turn.get(alias) if value is None else value
+
+
 def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | None = None) -> list[dict]:
     """Return validated {'role','content'} turns from a list of turns (or a string under default_role)."""
     if isinstance(value, str) and default_role is not None:
@@ -118,8 +124,9 @@ def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | No
         raise RowError("missing_field", f"field '{field}' is {type(value).__name__}, not a list of turns")
     out = []
     for i, turn in enumerate(value):
-        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
-        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        # Arrow gives every turn every key seen in the file (None where absent): take the one that is set
+        role = _either(turn, "role", "from") if isinstance(turn, dict) else None
+        content = _either(turn, "content", "value") if isinstance(turn, dict) else None
         if not isinstance(turn, dict) or role is None or ("content" not in turn and "value" not in turn):
             raise RowError(
                 "missing_field", f"{field}[{i}] needs role/content or from/value, got {turn!r:.60}"
