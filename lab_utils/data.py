@@ -134,10 +134,7 @@ def _first_line(e: BaseException, n: int = 160) -> str:
 
 def _check_hub(spec: str) -> None:
     """Raise a one-line LabError when the hub cannot be reached or has no such dataset (seconds, no retries)."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in (
-        "",
-        "0",
-    ):
+    if any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
         return  # offline mode: load_dataset looks in the local cache
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
@@ -154,7 +151,9 @@ def _check_hub(spec: str) -> None:
             "('org/name') or the path; a private dataset needs HF_TOKEN"
         ) from None
     except HfHubHTTPError as e:
-        raise LabError(f"the hub refused data.path {spec!r} ({_first_line(e)}) — check HF_TOKEN and the id") from None
+        raise LabError(
+            f"the hub refused data.path {spec!r} ({_first_line(e)}) — check HF_TOKEN and the id"
+        ) from None
     except Exception as e:  # no network: httpx/OSError, whatever the transport raises
         raise LabError(
             f"data.path {spec!r} looks like a hub dataset id, but the hub cannot be reached ({_first_line(e, 80)}) — "
@@ -253,7 +252,9 @@ def _load_json(files: list[str]):
     except LabError:
         raise
     except Exception as e:
-        raise LabError(f"data files {files[0]!r}… could not be read as JSON ({_first_line(e)}) — check the format") from None
+        raise LabError(
+            f"data files {files[0]!r}… could not be read as JSON ({_first_line(e)}) — check the format"
+        ) from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -271,7 +272,11 @@ def _load_files(builder: str, files: list[str]):
             with open(files[0], encoding="utf-8", errors="replace", newline="") as f:
                 header = next(csv.reader(f, delimiter=sep), [])
             return datasets.load_dataset(
-                "csv", data_files={"train": files}, split="train", sep=sep, converters={c: str for c in header}
+                "csv",
+                data_files={"train": files},
+                split="train",
+                sep=sep,
+                converters={c: str for c in header},
             )
         return datasets.load_dataset(builder, data_files={"train": files}, split="train")
     except Exception as e:
@@ -317,7 +322,9 @@ def _load(cfg: dict):
     elif _is_hub_id(spec) and not is_embedded(spec):
         raw, where = _load_hub(spec, d)
     else:
-        raise LabError(f"data.path {spec!r} does not exist — give a local file/folder or a hub id like 'org/name'")
+        raise LabError(
+            f"data.path {spec!r} does not exist — give a local file/folder or a hub id like 'org/name'"
+        )
     train_name = "train" if "train" in raw else next(iter(raw))
     out = datasets.DatasetDict({"train": raw[train_name]})
     if not d.get("split"):
@@ -390,11 +397,15 @@ def _decode_json_cell(row: dict) -> dict:
             try:
                 return {**row, col: json.loads(value)}
             except ValueError as e:
-                raise RowError("malformed_json", f"column '{col}' holds text that is not valid JSON ({e.msg})") from None
+                raise RowError(
+                    "malformed_json", f"column '{col}' holds text that is not valid JSON ({e.msg})"
+                ) from None
     return row
 
 
-def _process_batch(batch: dict, indices: list[int], *, fmt, role_map, system_prompt, tokenizer, max_length, on_too_long):
+def _process_batch(
+    batch: dict, indices: list[int], *, fmt, role_map, system_prompt, tokenizer, max_length, on_too_long
+):
     keys = list(batch)
     out: dict[str, list] = {
         "input_ids": [], "assistant_masks": [], "messages": [],
@@ -412,11 +423,15 @@ def _process_batch(batch: dict, indices: list[int], *, fmt, role_map, system_pro
             n_tokens = len(ids)
             if n_tokens > max_length:
                 if on_too_long == "drop":
-                    raise RowError("too_long", f"{n_tokens} tokens > model.max_length {max_length} (data.on_too_long: drop)")
+                    raise RowError(
+                        "too_long",
+                        f"{n_tokens} tokens > model.max_length {max_length} (data.on_too_long: drop)",
+                    )
                 ids, mask, cut = ids[:max_length], mask[:max_length], True
                 if not any(mask):
                     raise RowError(
-                        "too_long", f"{n_tokens} tokens; no assistant token is left after cutting to {max_length}"
+                        "too_long",
+                        f"{n_tokens} tokens; no assistant token is left after cutting to {max_length}",
                     )
             key = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
             out["input_ids"].append(ids)
@@ -484,7 +499,9 @@ def _choose_format(d: dict, ds) -> tuple[str, str]:
         fmt, why = detect_format(columns, sample)
     except ValueError as e:
         raise LabError(str(e)) from None
-    encoded = [c for c in CONVERSATION_COLUMNS if c in columns and any(isinstance(r.get(c), str) for r in sample)]
+    encoded = [
+        c for c in CONVERSATION_COLUMNS if c in columns and any(isinstance(r.get(c), str) for r in sample)
+    ]
     if encoded and fmt in ("sharegpt", "messages"):
         why += " (conversations written as JSON text, decoded per row)"
     return fmt, why
@@ -581,7 +598,9 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     on_too_long = d.get("on_too_long", "drop")
     out_dir = run.data_dir
     if ensure_chat_template(tokenizer):
-        print("The tokenizer has no chat template: using the lab's default ChatML template (see lab_utils.chat).")
+        print(
+            "The tokenizer has no chat template: using the lab's default ChatML template (see lab_utils.chat)."
+        )
     try:
         role_map = _role_map(d.get("role_map") or {})
     except ValueError as e:
@@ -599,12 +618,16 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
             except Exception:  # damaged or half-copied: make it again
                 print("The saved processed data cannot be read: processing again.")
             else:
-                print(f"Processed data is up to date (fingerprint {fp}): reusing {run.display(out_dir / 'dataset')}")
+                print(
+                    f"Processed data is up to date (fingerprint {fp}): reusing {run.display(out_dir / 'dataset')}"
+                )
                 print(f"Format: {old.get('format')} ({old.get('format_reason')})")
                 print(_summary_line(old))
                 return cached
         else:
-            print("Data inputs changed since the last preparation (data, data.*, max_length or tokenizer): processing again.")
+            print(
+                "Data inputs changed since the last preparation (data, data.*, max_length or tokenizer): processing again."
+            )
 
     raw, where = _load(cfg)
     print(f"Source: {where}")
@@ -668,7 +691,9 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
                     truncated["examples"].append(
                         {"split": split, "row": int(row), "detail": f"{n} tokens cut to {max_length}"}
                     )
-        kept_splits[split] = processed.select(keep).select_columns(["input_ids", "assistant_masks", "messages"])
+        kept_splits[split] = processed.select(keep).select_columns(
+            ["input_ids", "assistant_masks", "messages"]
+        )
 
     kept = sum(len(v) for v in kept_splits.values())
     dropped = total_in - kept
@@ -719,7 +744,9 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     seed = int(d.get("seed", 42))
     val_fraction = float(d["val_fraction"])
     if "validation" in kept_splits and len(kept_splits["validation"]) == 0:
-        print("⚠ no row of the source's validation split survived: splitting one off the training rows instead")
+        print(
+            "⚠ no row of the source's validation split survived: splitting one off the training rows instead"
+        )
         del kept_splits["validation"]
     if "validation" in kept_splits:
         final = datasets.DatasetDict(kept_splits)
@@ -732,10 +759,14 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
         n_val = min(max(1, round(val_fraction * len(kept_splits["train"]))), len(kept_splits["train"]) - 1)
         split = kept_splits["train"].train_test_split(test_size=n_val, seed=seed)
         final = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-        report["validation_from"] = f"{n_val} rows split off (data.val_fraction={val_fraction}, data.seed={seed})"
+        report["validation_from"] = (
+            f"{n_val} rows split off (data.val_fraction={val_fraction}, data.seed={seed})"
+        )
     report["splits"] = {k: len(v) for k, v in final.items()}
-    print(f"Splits: {report['splits']['train']} train, {report['splits']['validation']} validation "
-          f"({report['validation_from']})")
+    print(
+        f"Splits: {report['splits']['train']} train, {report['splits']['validation']} validation "
+        f"({report['validation_from']})"
+    )
     if truncated["rows"]:
         print(
             f"⚠ {truncated['rows']} rows were cut to model.max_length={max_length} (data.on_too_long: truncate): "
@@ -786,7 +817,14 @@ def read_data_report(run) -> dict[str, Any]:
 def report_table(report: dict) -> list[dict[str, Any]]:
     """Return the data report as table rows: kept, then one per drop reason (and truncation) with count and share."""
     n = max(report["rows_in"], 1)
-    rows = [{"what": "kept", "rows": report["rows_kept"], "share": f"{report['rows_kept'] / n:.1%}", "first example": ""}]
+    rows = [
+        {
+            "what": "kept",
+            "rows": report["rows_kept"],
+            "share": f"{report['rows_kept'] / n:.1%}",
+            "first example": "",
+        }
+    ]
     for reason, count in report["dropped_by_reason"].items():
         ex = (report.get("examples", {}).get(reason) or [{}])[0]
         rows.append(
@@ -814,7 +852,13 @@ def report_table(report: dict) -> list[dict[str, Any]]:
 def report_examples(report: dict) -> list[dict[str, Any]]:
     """Return every saved example of a dropped row: reason, split, row number, why, and a short excerpt."""
     return [
-        {"reason": reason, "split": ex["split"], "row": ex["row"], "why": ex["detail"], "excerpt": ex.get("excerpt", "")}
+        {
+            "reason": reason,
+            "split": ex["split"],
+            "row": ex["row"],
+            "why": ex["detail"],
+            "excerpt": ex.get("excerpt", ""),
+        }
         for reason, items in report.get("examples", {}).items()
         for ex in items
     ]
