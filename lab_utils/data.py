@@ -242,8 +242,8 @@ def _load_json(files: list[str]):
                 for n, line in enumerate(src, 1):
                     if n in lines:
                         msg, text = lines[n]
-                        excerpt = text if len(text) <= 60 else text[:59] + "…"
-                        line = json.dumps({MALFORMED: f"{Path(f).name} line {n}: {msg}: {excerpt}"}) + "\n"
+                        excerpt = text if len(text) <= 100 else text[:99] + "…"
+                        line = json.dumps({MALFORMED: f"{Path(f).name} line {n}: {msg}\t{excerpt}"}) + "\n"
                     elif not line.strip():
                         continue
                     dst.write(line if line.endswith("\n") else line + "\n")
@@ -415,7 +415,7 @@ def _process_batch(
         row = {k: batch[k][i] for k in keys}
         n_tokens, cut = 0, False
         try:
-            if row.get(MALFORMED) is not None:
+            if row.get(MALFORMED) is not None:  # "detail\texcerpt", written by _load_json
                 raise RowError("malformed_json", row[MALFORMED])
             messages = standardize(_decode_json_cell(row), fmt, role_map, system_prompt)
             toks = tokenize_chat(tokenizer, messages)
@@ -443,8 +443,10 @@ def _process_batch(
             out["input_ids"].append([])
             out["assistant_masks"].append([])
             out["messages"].append([])
-            excerpt = "" if e.reason == "malformed_json" and row.get(MALFORMED) else _excerpt(row)
-            out["_drop"].append(f"{e.reason}\t{e.detail}\t{excerpt}")
+            detail, excerpt = (
+                (e.detail.split("\t", 1) + [""])[:2] if row.get(MALFORMED) else (e.detail, _excerpt(row))
+            )
+            out["_drop"].append(f"{e.reason}\t{detail}\t{excerpt}")
             out["_hash"].append("")
         out["_row"].append(idx + 1)
         out["_len"].append(n_tokens)
