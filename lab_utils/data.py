@@ -783,6 +783,8 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     shutil.rmtree(out_dir / "dataset", ignore_errors=True)
     os.replace(tmp, out_dir / "dataset")
     _write_json(report_path, report)
+    for ds in raw.values():  # the intermediate map output in datasets' cache is a full copy: free the disk
+        ds.cleanup_cache_files()
     print(f"Saved processed data → {run.display(out_dir / 'dataset')} (report: data_report.json)")
     return datasets.load_from_disk(str(out_dir / "dataset"))
 

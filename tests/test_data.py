@@ -361,9 +361,9 @@ def test_missing_local_path_is_a_one_line_error(tokenizer, tmp_path, lab_root):
 def test_hub_id_without_network_is_a_one_line_error_within_seconds(tmp_path):
     """A hub id with the hub unreachable (HF_ENDPOINT on a closed local port) fails in one line, no retries."""
     code = (
-        "from lab_utils.config import resolve_config; from lab_utils.data import load_source\n"
+        "from lab_utils.data import load_source\n"
         "from lab_utils.errors import LabError\n"
-        "try:\n    load_source(resolve_config(form={'data.path': 'someorg/some-dataset', 'data.name': 'en'}))\n"
+        "try:\n    load_source({'data': {'path': 'someorg/some-dataset', 'name': 'en', 'split': None}})\n"
         "except LabError as e:\n    print('LABERROR', e)\n"
     )
     env = {
