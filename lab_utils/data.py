@@ -68,6 +68,20 @@ MALFORMED = "__lab_malformed_json__"  # column that marks a JSONL line that was 
 AUTO_NUM_PROC_ROWS = 20_000  # below this, worker start-up costs more than it saves
 # Words in a file's name that put it in a split (datasets' own convention): the rest is training data.
 _SPLIT_WORDS = {"validation": ("validation", "valid", "val", "dev", "eval"), "test": ("test",)}
+# What to do when a reason dominates the dropped rows (the stop message names the top reason's fix).
+_FIXES = {
+    "malformed_json": "check that the file holds one JSON object per line (JSONL)",
+    "empty": "check data.format and that the conversation column is filled",
+    "missing_field": "check data.format and the column/turn key names",
+    "non_string_content": "make every turn's content plain text",
+    "unknown_role": "map the role names with data.role_map",
+    "no_assistant_turn": "check data.format and data.role_map (which role is the assistant?)",
+    "ends_on_user": "end each conversation on an assistant turn",
+    "empty_content": "fill or remove the empty turns",
+    "template_rejected": "check the tokenizer's chat template",
+    "too_long": "raise model.max_length or set data.on_too_long: truncate",
+    "duplicate": "remove the repeated rows",
+}
 # Columns each forced format needs (any one of a tuple).
 _NEEDS = {
     "sharegpt": [CONVERSATION_COLUMNS],
@@ -179,13 +193,14 @@ def _load_hub(spec: str, d: dict):
 
 
 def _scan_json_lines(path: str) -> list[tuple[int, str, str]]:
-    """Return (line number, problem, excerpt) for each non-blank line that is not a JSON object."""
-    bad = []
+    """Return (line number, problem, excerpt) for each non-blank line that is not a JSON object; LabError if none is."""
+    bad, lines = [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for n, line in enumerate(f, 1):
             text = line.strip()
             if not text:
                 continue
+            lines += 1
             try:
                 obj = json.loads(text)
             except ValueError as e:
@@ -193,6 +208,11 @@ def _scan_json_lines(path: str) -> list[tuple[int, str, str]]:
                 continue
             if not isinstance(obj, dict):
                 bad.append((n, f"a JSON {type(obj).__name__}, not an object", text))
+    if lines and len(bad) == lines:
+        raise LabError(
+            f"data file {path!r} is not JSON lines: no line is a JSON object (line {bad[0][0]}: {bad[0][1]}) — "
+            "is it another format with a .json/.jsonl name? Rename or convert it"
+        )
     return bad
 
 
@@ -730,12 +750,13 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
 
     stop = None
     top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
+    fix = _FIXES.get(reasons.most_common(1)[0][0] if reasons else "", "fix the data")
     if kept == 0:
-        stop = f"no usable rows left in {d['path']!r}: all {total_in} dropped ({top}) — check data.format and the rows"
+        stop = f"no usable rows left in {d['path']!r}: all {total_in} dropped ({top}) — {fix}"
     elif share > float(d.get("max_drop_fraction", 0.5)):
         stop = (
             f"{dropped} of {total_in} rows ({share:.0%}) were dropped ({top}), more than "
-            f"data.max_drop_fraction={d.get('max_drop_fraction', 0.5)} — fix the data or raise that limit"
+            f"data.max_drop_fraction={d.get('max_drop_fraction', 0.5)} — {fix}, or raise that limit"
         )
     if stop:  # keep the report for the person to read; remove data that no longer matches it
         report.update(fingerprint=None, stopped=stop)

@@ -335,11 +335,33 @@ def test_more_drops_than_max_drop_fraction_stop_with_the_report_kept(tokenizer, 
         load_prepared(strict)
 
 
-def test_no_usable_row_stops_with_the_top_reasons(tokenizer, tmp_path, lab_root):
+def test_no_usable_row_stops_with_the_top_reason_and_its_fix(tokenizer, tmp_path, lab_root):
     rows = [{"messages": [{"role": "user", "content": f"q{i}"}]} for i in range(5)]
     run = make_run(lab_root, write_jsonl(tmp_path / "d.jsonl", rows), max_drop_fraction=1.0)
-    with pytest.raises(LabError, match=r"no usable rows left .* all 5 dropped \(no_assistant_turn \(5\)\)"):
+    with pytest.raises(LabError) as err:
         prepare(run, tokenizer)
+    assert "no usable rows left" in str(err.value) and "all 5 dropped (no_assistant_turn (5))" in str(
+        err.value
+    )
+    assert "data.role_map" in str(err.value)
+
+
+def test_a_file_that_is_not_json_lines_is_named_as_such(tokenizer, tmp_path, lab_root):
+    path = tmp_path / "really.jsonl"
+    path.write_text("instruction,output\nAdd one,2\nAdd two,3\n")  # a CSV with the wrong name
+    with pytest.raises(LabError) as err:
+        prepare(make_run(lab_root, path), tokenizer)
+    assert "is not JSON lines: no line is a JSON object (line 1:" in str(err.value) and "\n" not in str(
+        err.value
+    )
+
+
+def test_mostly_malformed_lines_stop_with_the_jsonl_fix(tokenizer, tmp_path, lab_root, capsys):
+    rows = [chat(1)] + ["{not json"] * 3
+    with pytest.raises(LabError) as err:
+        prepare(make_run(lab_root, write_jsonl(tmp_path / "d.jsonl", rows)), tokenizer)
+    assert "3 of 4 rows (75%)" in str(err.value) and "one JSON object per line" in str(err.value)
+    assert "3 line(s) are not valid JSON objects (first: d.jsonl line 2" in capsys.readouterr().out
 
 
 def test_json_array_file_that_is_broken_names_the_line(tokenizer, tmp_path, lab_root):
