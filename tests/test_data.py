@@ -425,6 +425,19 @@ def test_file_names_decide_a_folders_splits(name, split):
     assert _split_of(name) == split
 
 
+def test_data_split_picks_one_split_of_a_folder_and_splits_validation_off_it(tokenizer, tmp_path, lab_root):
+    folder = tmp_path / "data"
+    (folder / "test").mkdir(parents=True)
+    write_jsonl(folder / "train.jsonl", [chat(i) for i in range(10)])
+    write_jsonl(folder / "test" / "part-0.jsonl", [chat(100 + i) for i in range(20)])
+    run = make_run(lab_root, folder, split="test")
+    ds = prepare(run, tokenizer)
+    assert len(ds["train"]) + len(ds["validation"]) == 20
+    assert "split off" in report_of(run)["validation_from"]
+    with pytest.raises(LabError, match=r"data.split 'dev' names no files .* \['test', 'train'\]"):
+        prepare(make_run(lab_root, folder, name="u", split="dev"), tokenizer)
+
+
 def test_validation_is_split_off_with_the_seed_when_the_source_has_none(tokenizer, tmp_path, lab_root):
     path = write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(40)])
     a = prepare(make_run(lab_root, path, name="a", val_fraction=0.1), tokenizer)
