@@ -27,6 +27,7 @@ chat template writes right after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_o
 from __future__ import annotations
 
 import bisect
+import operator
 import re
 from typing import Any
 
@@ -108,6 +109,12 @@ def _role_map(role_map: dict | None) -> dict[str, str]:
     return merged
 
 
+def _either(turn: dict, key: str, alias: str) -> Any:
+    """Return turn[key] unless it is absent or None, else turn[alias] (role/from, content/value)."""
+    value = turn.get(key)
+    return turn.get(alias) if value is None else value
+
+
 def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | None = None) -> list[dict]:
     """Return validated {'role','content'} turns from a list of turns (or a string under default_role)."""
     if isinstance(value, str) and default_role is not None:
@@ -118,8 +125,9 @@ def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | No
         raise RowError("missing_field", f"field '{field}' is {type(value).__name__}, not a list of turns")
     out = []
     for i, turn in enumerate(value):
-        role = turn.get("role", turn.get("from")) if isinstance(turn, dict) else None
-        content = turn.get("content", turn.get("value")) if isinstance(turn, dict) else None
+        # Arrow gives every turn every key seen in the file (None where absent): take the one that is set
+        role = _either(turn, "role", "from") if isinstance(turn, dict) else None
+        content = _either(turn, "content", "value") if isinstance(turn, dict) else None
         if not isinstance(turn, dict) or role is None or ("content" not in turn and "value" not in turn):
             raise RowError(
                 "missing_field", f"{field}[{i}] needs role/content or from/value, got {turn!r:.60}"
@@ -286,44 +294,96 @@ def _content_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int
     return spans
 
 
-def _generation_spans(tokenizer, messages: list[dict], offsets: list) -> list[tuple[int, int]]:
-    """Return the character spans of a template's `{% generation %}` blocks via transformers' assistant mask."""
-    out = tokenizer.apply_chat_template(
-        messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
-    )
-    mask, spans = list(out["assistant_masks"]), []
-    for i, bit in enumerate(mask if len(mask) == len(offsets) else []):
-        if bit and i and mask[i - 1]:
-            spans[-1] = (spans[-1][0], offsets[i][1])
-        elif bit:
-            spans.append(tuple(offsets[i]))
-    return spans
+def _generation_spans(tokenizer, messages: list[dict], text: str, enc) -> list[tuple[int, int]]:
+    """Return the character spans of a template's `{% generation %}` blocks via transformers' assistant mask.
+
+    The mask is transformers' own (`apply_chat_template(..., return_assistant_tokens_mask=True)`: the
+    tokens from `char_to_token(start)` to `char_to_token(end - 1)` of each block), computed on `enc`, the
+    encoding of the same rendered `text`, so the text is not tokenized a second time.
+    """
+    offsets = enc["offset_mapping"]
+    try:
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        rendered, indices = render_jinja_template(
+            conversations=[messages],
+            chat_template=tokenizer.get_chat_template(),
+            return_assistant_tokens_mask=True,
+            **tokenizer.special_tokens_map,
+        )
+        ok = rendered[0] == text
+    except Exception:  # another transformers: take the public, slower route
+        ok = False
+    runs: list[tuple[int, int]] = []  # token ranges [first, stop) of the mask
+    if ok:
+        for a, b in indices[0]:  # as transformers does it, edge cases included
+            first, last = enc.char_to_token(a), enc.char_to_token(b - 1)
+            if first is None:
+                break
+            runs.append((first, last + 1 if last else len(offsets)))
+    else:
+        out = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        mask = list(out["assistant_masks"])
+        for i, bit in enumerate(mask if len(mask) == len(offsets) else []):
+            if bit:
+                runs.append((i, i + 1))
+    merged: list[list[int]] = []
+    for first, stop in sorted(r for r in runs if r[0] < r[1]):
+        if merged and first <= merged[-1][1]:  # touching or overlapping: one run of masked tokens
+            merged[-1][1] = max(merged[-1][1], stop)
+        else:
+            merged.append([first, stop])
+    return [(offsets[first][0], offsets[stop - 1][1]) for first, stop in merged]
+
+
+def _token_bit(text: str, s: int, e: int, spans: list[tuple[int, int]], ends: list[int]) -> int:
+    """Return 1 when the token at char offsets (s, e) is mostly inside the spans (module docstring, 4)."""
+    k = bisect.bisect_right(ends, s)  # the first span that ends after the token starts
+    if k == len(spans) or spans[k][0] >= max(e, s + 1):  # no overlap (zero-width: not inside)
+        return 0
+    if spans[k][0] <= s and e <= spans[k][1]:  # wholly inside (zero-width: starts inside)
+        return 1
+    token = text[s:e]  # straddles a span edge: weigh its non-whitespace characters
+    inside = "".join(text[max(s, a) : min(e, b)] for a, b in spans[k:] if a < e)
+    total, got = sum(not c.isspace() for c in token), sum(not c.isspace() for c in inside)
+    if not total:  # a whitespace-only token: count every character
+        total, got = len(token), len(inside)
+    return int(2 * got > total)
 
 
 def _token_mask(text: str, offsets: list, spans: list[tuple[int, int]]) -> list[int]:
-    """Return 1 for each token (char offsets) mostly inside the sorted, disjoint spans (module docstring, 4)."""
-    ends, mask = [b for _, b in spans], []
-    for s, e in offsets:
-        k = bisect.bisect_right(ends, s)  # the first span that ends after the token starts
-        if k == len(spans) or spans[k][0] >= max(e, s + 1):  # no overlap (zero-width: not inside)
-            mask.append(0)
-        elif spans[k][0] <= s and e <= spans[k][1]:  # wholly inside (zero-width: starts inside)
-            mask.append(1)
-        else:  # straddles a span edge: weigh its non-whitespace characters
-            token = text[s:e]
-            inside = "".join(text[max(s, a) : min(e, b)] for a, b in spans[k:] if a < e)
-            total, got = sum(not c.isspace() for c in token), sum(not c.isspace() for c in inside)
-            if not total:  # a whitespace-only token: count every character
-                total, got = len(token), len(inside)
-            mask.append(int(2 * got > total))
+    """Return 1 for each token (char offsets) mostly inside the sorted, disjoint spans (module docstring, 4).
+
+    Tokens come in text order, so each span's wholly-inside tokens form one run found by bisection;
+    only the tokens at its edges are weighed one by one (`_token_bit`).
+    """
+    ends = [b for _, b in spans]
+    starts_t, ends_t = [s for s, _ in offsets], [e for _, e in offsets]
+    if not (all(map(operator.le, starts_t, starts_t[1:])) and all(map(operator.le, ends_t, ends_t[1:]))):
+        return [
+            _token_bit(text, s, e, spans, ends) for s, e in offsets
+        ]  # offsets out of order: token by token
+    mask = [0] * len(offsets)
+    for a, b in spans:
+        lo, hi = bisect.bisect_right(ends_t, a), bisect.bisect_left(starts_t, b)  # tokens overlapping [a, b)
+        while lo > 0 and starts_t[lo - 1] == ends_t[lo - 1] == a:  # zero-width tokens at the span start
+            lo -= 1
+        first = bisect.bisect_left(starts_t, a, lo, hi)  # the run with start >= a ...
+        last = max(first, bisect.bisect_right(ends_t, b, lo, hi))  # ... and end <= b
+        mask[first:last] = [1] * (last - first)
+        for i in (*range(lo, first), *range(last, hi)):
+            mask[i] = _token_bit(text, offsets[i][0], offsets[i][1], spans, ends)
     return mask
 
 
-def _assistant_mask(tokenizer, messages: list[dict], text: str, offsets: list) -> list[int]:
-    """Return the assistant mask over the tokens of the rendered `text` (see the module docstring)."""
+def _assistant_mask(tokenizer, messages: list[dict], text: str, enc) -> list[int]:
+    """Return the assistant mask over the tokens of `enc`, the encoding of the rendered `text` (module docstring)."""
+    offsets = list(enc["offset_mapping"])
     spans = _content_spans(tokenizer, messages, text)
     if _GENERATION_TAG.search(tokenizer.get_chat_template()):
-        gen = _generation_spans(tokenizer, messages, offsets)
+        gen = _generation_spans(tokenizer, messages, text, enc)
         if gen and not (spans and all(any(a <= s and e <= b for a, b in gen) for s, e in spans)):
             # the content is not where the markers say (or cannot be found): the markers know better
             trim = [
@@ -382,7 +442,7 @@ def tokenize_chat(
         text = _render(tokenizer, messages)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        mask = _assistant_mask(tokenizer, messages, text, list(enc["offset_mapping"]))
+        mask = _assistant_mask(tokenizer, messages, text, enc)
         if not any(mask):
             raise RowError("no_assistant_turn", "no token of the rendered chat belongs to an assistant turn")
     if max_length is not None and len(ids) > max_length:

@@ -20,13 +20,14 @@
 
 # %% [markdown]
 # # 01 · Data: validate, tokenize with masks, report
-# Reads the run's data (any of ShareGPT, OpenAI messages, Alpaca, prompt/completion or plain text),
-# checks every row, applies the model's chat template and marks which tokens the model learns from
-# (the assistant's answers). Saves the result in the run folder with a report of every dropped row.
+# Reads the run's data (ShareGPT, OpenAI messages, Alpaca, prompt/completion or plain text; from the
+# hub or a JSON/JSONL/CSV/Parquet file or folder), checks every row, applies the model's chat template
+# and marks which tokens the model learns from (the assistant's answers). Saves the result in the run
+# folder with a report of every dropped row.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qlora-lab/qlora-lab/blob/main/notebooks/01_data.ipynb)
 #
-# Sections: [Setup](#Setup) · [Load](#Load) · [Prepare](#Prepare) · [Look](#Look)
+# Sections: [Setup](#Setup) · [Knobs](#Knobs) · [Prepare](#Prepare) · [Report](#Report) · [Lengths](#Lengths) · [Look](#Look)
 
 # %% [markdown]
 # ## Setup
@@ -51,40 +52,70 @@ if "google.colab" in sys.modules and importlib.util.find_spec("lab_utils") is No
 import lab_utils as lab
 
 # %% [markdown]
-# ## Load
-# Only the tokenizer is needed here, never the model's weights.
+# ## Knobs
+# How rows are read and checked. The data itself (`DATA_PATH`) and `MAX_LENGTH` are set in 00_setup.
+# Changing a knob here re-processes the data; once training has started, a change needs a new run.
 
 # %%
 RUN_NAME = "pricer-demo"  # @param {type:"string"} the run made in 00_setup
+DATA_FORMAT = "auto"  # @param {type:"string"} auto (guessed from the columns, printed) or sharegpt, messages, alpaca, prompt_completion, text
+ON_TOO_LONG = "drop"  # @param {type:"string"} rows over MAX_LENGTH: "drop" them whole or "truncate" their ends (both counted)
+SYSTEM_PROMPT = ""  # @param {type:"string"} added to rows that have no system turn; empty: none added
+VAL_FRACTION = 0.05  # @param {type:"number"} share held out to measure the model, unless the data has a validation split
+MAX_DROP_FRACTION = 0.5  # @param {type:"number"} stop when more than this share of rows is unusable: the data is likely misread
+ROLE_MAP = {}  # extra role names → user/assistant/system, e.g. {"narrator": "system"}; human/gpt/bot/model are known
 
-run = lab.start(RUN_NAME)
-tokenizer = lab.load_tokenizer(run.cfg)
+FORM = {
+    "data.format": DATA_FORMAT,
+    "data.on_too_long": ON_TOO_LONG,
+    "data.system_prompt": SYSTEM_PROMPT or None,
+    "data.val_fraction": VAL_FRACTION,
+    "data.max_drop_fraction": MAX_DROP_FRACTION,
+    "data.role_map": ROLE_MAP,
+}
+run = lab.start(RUN_NAME, form=FORM)
 
 # %% [markdown]
 # ## Prepare
-# Rows that cannot be trained on are dropped with a reason, never silently. A re-run with the same
-# inputs reuses the saved result.
+# Only the tokenizer is loaded here, never the model's weights. Every row is checked; rows that cannot
+# be trained on are dropped with a reason, never silently. A re-run with the same inputs reuses the
+# saved result (and says so).
 
 # %%
+tokenizer = lab.load_tokenizer(run.cfg)
 dataset = lab.prepare_data(run, tokenizer)
+
+# %%
 print(dataset)
 
 # %% [markdown]
-# ## Look
-# What happened to every row, how long the rows are, and one row as the model sees it: only the
-# ⟦marked⟧ tokens carry loss.
+# ## Report
+# What happened to every row, and a few dropped rows as examples (row numbers count from 1 in the
+# source). The same report is saved as `data/data_report.json` in the run folder.
 
 # %%
-import json
-
-report = json.loads((run.data_dir / "data_report.json").read_text())
+report = lab.read_data_report(run)
 lab.show_table(lab.report_table(report), title=f"{report['rows_in']} rows in, {report['rows_kept']} kept")
-lab.show_table([{"statistic": k, "value": v} for k, v in report["length_stats"].items()], title="Tokens per row")
-if report.get("suggestion"):
+if report["examples"]:
+    lab.show_table(lab.report_examples(report), title="Examples of dropped rows")
+
+# %% [markdown]
+# ## Lengths
+# Tokens per row with the chat template applied. Rows over `model.max_length` were dropped or cut;
+# a `max_length` far above what rows need only costs memory.
+
+# %%
+lab.show_table(lab.lengths_table(report), title="Tokens per row")
+if report["suggestion"]:
     print("Suggestion:", report["suggestion"])
 
 # %%
 lab.show_image(run.data_dir / "lengths.png")
+
+# %% [markdown]
+# ## Look
+# One training row as the model sees it: only the ⟦marked⟧ tokens (the assistant's answer and the
+# end-of-turn marker after it) carry loss.
 
 # %%
 lab.show_masked_example(dataset["train"][0], tokenizer)
