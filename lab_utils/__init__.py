@@ -7,6 +7,11 @@ inside the functions that use them, and the names below load their module on fir
 from __future__ import annotations
 
 import importlib
+import logging
+
+# bitsandbytes announces at import that an optional CPU kernel package (fetched from the hub) is
+# absent; the CPU path works without it, so the line only confuses.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
 __version__ = "0.1.0"
 

@@ -835,6 +835,14 @@ def export_gguf(run: Any, merged: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _report_without_rows(report: dict[str, Any]) -> dict[str, Any]:
+    """Return the data report without row excerpts: a model card must not publish training rows."""
+    out = {k: v for k, v in report.items() if k != "examples"}
+    if isinstance(out.get("truncated"), dict):
+        out["truncated"] = {k: v for k, v in out["truncated"].items() if k != "examples"}
+    return out
+
+
 def export_card(run: Any) -> Path:
     """Write export/README.md from the run's config, data report and eval metrics; return its path."""
     report = run.data_dir / "data_report.json"
@@ -845,7 +853,7 @@ def export_card(run: Any) -> Path:
         base_model=run.cfg["model"]["name"],
         config=run.cfg,
         metrics=json.loads(metrics.read_text()) if metrics.is_file() else None,
-        data_report=json.loads(report.read_text()) if report.is_file() else None,
+        data_report=_report_without_rows(json.loads(report.read_text())) if report.is_file() else None,
     )
     print(f"Saved model card → {run.display(card)}")
     return card

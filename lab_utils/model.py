@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .embedded import resolve_model
+from .embedded import EMBEDDED_MODEL, resolve_model, tokenizer_dir
 from .errors import LabError
 
 __all__ = ["load_tokenizer", "load_base_model", "add_lora", "load_for_training", "compute_dtype", "model_source"]
@@ -35,7 +35,8 @@ def load_tokenizer(cfg: dict):
     from transformers import AutoTokenizer
 
     name = cfg["model"].get("tokenizer") or cfg["model"]["name"]
-    source = resolve_model(name)
+    # the embedded model's tokenizer ships as files: 01_data never needs to build the weights
+    source = str(tokenizer_dir()) if name == EMBEDDED_MODEL else resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(
             source,
