@@ -171,3 +171,30 @@ def test_emptied_largest_file_of_newest_checkpoint_falls_back_to_the_previous_on
     assert "Skipping checkpoint-30: incomplete" in proc.stdout
     assert "Resuming from checkpoint-20 (step 20 of 30" in proc.stdout
     assert _max_diff(_adapter(run_dir), reference) <= 1e-6
+
+
+def test_stop_button_saves_a_complete_checkpoint_before_training_stops(lab_root, capsys):
+    from transformers import TrainerCallback
+
+    import lab_utils as lab
+    from lab_utils.checkpoints import check_checkpoint
+
+    run = lab.start("stopped", form=FORM)
+    tok = lab.load_tokenizer(run.cfg)
+    ds = lab.prepare_data(run, tok)
+    settings = lab.train_settings(run)
+    model, tok = lab.load_for_training(run.cfg, "plain")
+    trainer = lab.build_trainer(run, model, tok, ds, settings)
+
+    class PressStop(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 12:
+                raise KeyboardInterrupt  # what Colab's stop button delivers
+
+    trainer.add_callback(PressStop())
+    with pytest.raises(KeyboardInterrupt):
+        lab.train(run, trainer, lab.plan_resume(run, trainer))
+    ck = run.checkpoints_dir / "checkpoint-12"
+    assert check_checkpoint(ck) is None, "the checkpoint saved on stop is complete"
+    assert "Stopped at step 12: saved checkpoint-12" in capsys.readouterr().out
+    assert json.loads((run.dir / "log_history.json").read_text()), "the loss history is kept"
