@@ -759,7 +759,9 @@ def markdown(res: dict) -> str:
         "# Bench: seed configuration vs lab defaults",
         "",
         f"{res['date']} · {res['machine']['platform']} · {res['machine']['cpus']} CPUs · torch {res['machine']['torch']}"
-        f" · load average at start {res['machine']['loadavg_start']}",
+        f" · load average {res['machine']['loadavg_start']} at the start, {res.get('loadavg_end')} at the end",
+        "",
+        f"`{res.get('command', 'python bench/run.py')}` took {res.get('seconds', 0) / 60:.1f} min.",
         "",
         f"Model: embedded tiny Llama (4-bit nf4, LoRA r=32), max_length {res['max_length']} "
         f"({scale_note}), "
@@ -867,7 +869,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repeats", type=int, default=2, help="interleaved (seed, default) pairs")
     p.add_argument("--rows", type=int, default=2000, help="rows in the synthetic data set")
-    p.add_argument("--timed-rows", type=int, default=256, help="rows each timed run trains on (one epoch)")
+    p.add_argument("--timed-rows", type=int, default=512, help="rows each timed run trains on (one epoch)")
     p.add_argument(
         "--max-length",
         type=int,
@@ -898,6 +900,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-paths", nargs="+", default=["unsloth", "plain"], choices=["unsloth", "plain"])
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json and latest.md")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument(
+        "--markdown-only", action="store_true", help="rewrite latest.md from latest.json, run nothing"
+    )
     # internal: one configuration in its own process
     p.add_argument("--worker", choices=("seed", "default"))
     p.add_argument("--result", type=Path)
@@ -910,6 +915,11 @@ def main(argv: list[str] | None = None) -> int:
         worker(a.worker, a.workdir, a.timed_rows, a.result, a.run_name, a.path, a.target, a.micro)
         return 0
 
+    if a.markdown_only:
+        res = json.loads((a.out / "latest.json").read_text())
+        _write(a.out / "latest.md", markdown(res))
+        print(f"Wrote {a.out / 'latest.md'}")
+        return 0
     t0 = time.monotonic()
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="lab-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -924,6 +934,7 @@ def main(argv: list[str] | None = None) -> int:
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         },
+        "command": " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
         "repeats": a.repeats,
         "timed_rows": a.timed_rows,
         "max_length": a.max_length,
