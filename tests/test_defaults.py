@@ -103,6 +103,16 @@ def test_cpu_uses_fp32_and_plain_adamw():
     assert s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] == 16
 
 
+def test_cpu_micro_batch_stops_at_8_because_more_rows_only_add_padding():
+    tiny = dict(model_params=983_040, hidden_size=128, num_layers=4, vocab_size=512, max_length=512)
+    s = choose(COLAB_CPU, **tiny)  # the embedded tiny Llama: 16 rows would fit in memory
+    assert (s["per_device_train_batch_size"], s["gradient_accumulation_steps"]) == (8, 2)
+    assert any("at most 8 on a CPU" in r for r in s["reasons"])
+    assert choose(hardware_from_name("A100-80GB"), **tiny)["per_device_train_batch_size"] == 16
+    mine = choose(COLAB_CPU, **tiny, user={"per_device_train_batch_size": 16})
+    assert (mine["per_device_train_batch_size"], mine["warnings"]) == (16, [])
+
+
 def test_effective_batch_follows_the_target():
     s = choose(hardware_from_name("L4"), **LLAMA_1B, target_effective_batch=32)
     assert s["per_device_train_batch_size"] * s["gradient_accumulation_steps"] == 32

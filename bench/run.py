@@ -1,0 +1,989 @@
+"""`make bench`: the seed configuration against `lab_utils.defaults`, same tiny model, same data.
+
+What it measures, in one run (results in bench/results/latest.json and latest.md):
+
+* **seed**: micro-batch 2 x accumulation 4, every row padded to max_length (the collator's
+  `pad_to_multiple_of=max_length`, which is what `padding="max_length"` did), rows in random order,
+  no packing.
+* **default**: what `lab_utils.training.train_settings()` (i.e. `defaults.choose()`) returns on this
+  machine for this model and this data. On a CPU: `train_sampling_strategy="group_by_length"`, the
+  micro-batch from the memory estimate, fp32, adamw_torch.
+  Both share everything else: gradient checkpointing as the default chose it (the issue does not
+  name the seed's; the old lab's was on, which would only slow the seed down), LoRA r=32 on all
+  linear layers, learning rate, seed.
+* The real path for both: the embedded tiny Llama loaded in 4-bit nf4 by
+  `lab_utils.model.load_for_training` (bitsandbytes -> prepare_model_for_kbit_training -> LoRA),
+  data prepared by `lab_utils.data.prepare` (chat template, assistant-only labels), trainer built
+  by `lab_utils.training.build_trainer` (TRL's SFTTrainer). The bench changes only what a bench
+  must: no checkpoints are written, no validation split, no progress bar.
+
+Length: the seed's rows are 2048 tokens. On 2 CPU cores that is too slow for a 10-minute bench
+(the tiny model trains ~1.5k padded tokens/s on one core), so by default everything is scaled
+down by 4: max_length 512 (the tiny model's own context) and every row length / 4. Padding waste
+is a ratio of lengths and does not change with the scale; the speed ratio changes a little,
+because attention's share of the work grows with length (it favours the default at 2048).
+`--max-length 2048` runs the seed's own length on a copy of the tiny model whose config allows
+2048 positions (same weights: RoPE has no learned positions).
+
+The data: synthetic ShareGPT rows (one user turn, one assistant turn) whose token lengths follow a
+long-tailed, FineTome-like shape: at max_length 2048, total tokens per row ~ lognormal with median
+420 and sigma 0.75 (mean ~560, p95 ~1440), clipped to [48, 2048]; the prompt takes a uniform 15-50%
+of a row. This is an assumed shape (that of single-turn instruction data such as FineTome-100k:
+most rows a few hundred tokens, a tail past 2k), not a measurement of FineTome. The text is words
+of the Pricer vocabulary; only lengths matter here. Rows longer than max_length after the chat
+template are truncated (`data.on_too_long: truncate`). The measured percentiles are in the results.
+
+Metrics:
+* padding waste = pad tokens / all tokens the model processed, counted from the batches the real
+  collator returned (a wrapper counts attention-mask zeros). Reported for the timed batches and
+  for one full epoch of the real Trainer dataloader over the whole data set (no training): the
+  default's waste depends on the data set's size, because transformers' LengthGroupedSampler sorts
+  rows inside mega-batches of min(rows / (4 x batch), 50) x batch rows.
+* trained tokens per second = non-pad tokens / seconds from the start of training to the end of
+  the last optimizer step. Both configurations train one epoch over the same rows, so the ratio is
+  the same whether one counts non-pad tokens or loss (assistant) tokens.
+* peak memory: each configuration runs in its own subprocess; on CPU the process's peak resident
+  memory (`resource.getrusage(...).ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated`.
+* Timings on a shared machine are noisy: the configurations run interleaved (seed, default, seed,
+  default, ...) and the reported ratio is the median of the per-pair ratios. Workers use one CPU
+  thread (`--threads`): on a busy 2-core machine two OpenMP threads ran 5-15x slower and erratic.
+
+GPU section: when CUDA is present, the same comparison on a randomly initialised Llama with
+Llama-3.2-1B's shape at length 2048, with the process capped at a T4's memory
+(`torch.cuda.set_per_process_memory_fraction`) and the defaults chosen for a T4, on the plain path
+and on unsloth's (if it imports); measured peaks are compared with `defaults.estimate_memory`.
+Results go to bench/results/gpu.json and gpu.md; latest.md shows the last one. Without CUDA it is
+skipped with one line saying so.
+
+Usage: python bench/run.py [--repeats 2] [--rows 2000] [--timed-rows 512] [--max-length 512]
+                           [--extra-micro 4 8] [--no-gpu | --gpu-only] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+RESULTS = REPO / "bench" / "results"
+SEED_LENGTH = 2048  # the seed's row length; the bench runs at --max-length (default 2048 / 4, see docstring)
+DEFAULT_BENCH_LENGTH = 512
+RUN_NAME = "bench"
+GIB = 2**30
+
+# The data's length distribution (tokens per row after the chat template), see the docstring.
+LENGTH_MEDIAN = 420  # at max_length 2048; scaled with --max-length
+LENGTH_SIGMA = 0.75
+LENGTH_MIN = 48  # at max_length 2048; scaled with --max-length
+PROMPT_SHARE = (0.15, 0.50)
+DATA_SEED = 2024
+
+# The seed configuration: SFTConfig fields that replace the default's.
+SEED_SETTINGS = {
+    "per_device_train_batch_size": 2,
+    "gradient_accumulation_steps": 4,
+    # "pad_to_multiple_of": max_length is set per run: every row padded to max_length, as padding="max_length" did
+    "train_sampling_strategy": "random",
+    "packing": False,
+    "padding_free": False,
+}
+GOAL_WASTE = 0.05
+GOAL_RATIO = 2.0
+
+# Llama-3.2-1B's shape (config.json of meta-llama/Llama-3.2-1B), for the GPU section.
+LLAMA_1B = {
+    "vocab_size": 128256,
+    "hidden_size": 2048,
+    "intermediate_size": 8192,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "tie_word_embeddings": True,
+    "rope_scaling": {
+        "factor": 32.0,
+        "high_freq_factor": 4.0,
+        "low_freq_factor": 1.0,
+        "original_max_position_embeddings": 8192,
+        "rope_type": "llama3",
+    },
+}
+GPU_TARGET = "T4"  # the hardware the GPU section plans for and caps memory to
+
+
+# --------------------------------------------------------------------------- data and model
+
+
+def row_lengths(n: int, max_length: int, seed: int = DATA_SEED) -> list[int]:
+    """Return n target token counts per row: lognormal(median 420, sigma 0.75) clipped to [48, 2048], scaled to max_length."""
+    rng = random.Random(seed)
+    scale = max_length / SEED_LENGTH
+    mu = math.log(LENGTH_MEDIAN * scale)
+    low = max(8, int(LENGTH_MIN * scale))
+    return [max(low, min(max_length, int(rng.lognormvariate(mu, LENGTH_SIGMA)))) for _ in range(n)]
+
+
+def synthetic_rows(tokenizer, n: int, max_length: int, seed: int = DATA_SEED) -> list[dict]:
+    """Return n ShareGPT rows (user, assistant) whose lengths follow row_lengths(), in tokens of `tokenizer`."""
+    from lab_utils.chat import tokenize_chat
+    from lab_utils.embedded import pricer_rows
+
+    words = sorted({w for r in pricer_rows(200) for t in r["conversations"] for w in t["value"].split()})
+    cost = [len(tokenizer(" " + w, add_special_tokens=False)["input_ids"]) for w in words]
+    overhead = len(
+        tokenize_chat(tokenizer, [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}])[
+            "input_ids"
+        ]
+    )
+    rng = random.Random(seed + 1)
+
+    def text(tokens: int) -> str:
+        out, used = [], 0
+        while used < tokens:
+            i = rng.randrange(len(words))
+            out.append(words[i])
+            used += cost[i]
+        return " ".join(out)
+
+    rows = []
+    for total in row_lengths(n, max_length, seed):
+        body = max(2, total - overhead)
+        prompt = max(1, int(body * rng.uniform(*PROMPT_SHARE)))
+        rows.append(
+            {
+                "conversations": [
+                    {"from": "human", "value": text(prompt)},
+                    {"from": "gpt", "value": text(max(1, body - prompt))},
+                ]
+            }
+        )
+    return rows
+
+
+def bench_model(workdir: Path, max_length: int) -> Path:
+    """Return the embedded tiny Llama, or a copy whose config allows max_length positions (same weights)."""
+    from lab_utils.embedded import EMBEDDED_MODEL, resolve_model
+
+    src = Path(resolve_model(EMBEDDED_MODEL))
+    if json.loads((src / "config.json").read_text())["max_position_embeddings"] >= max_length:
+        return src
+    dst = workdir / f"tiny-llama-{max_length}"
+    if not dst.exists():
+        shutil.copytree(src, dst)
+        cfg = json.loads((dst / "config.json").read_text())
+        cfg["max_position_embeddings"] = max_length
+        (dst / "config.json").write_text(json.dumps(cfg, indent=2))
+    return dst
+
+
+def llama_1b(workdir: Path) -> Path:
+    """Return a folder with a randomly initialised Llama of Llama-3.2-1B's shape (bf16) and the tiny tokenizer."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from lab_utils.embedded import tokenizer_dir
+
+    dst = workdir / "llama-1b-random"
+    if (dst / "config.json").exists():
+        return dst
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+    config = LlamaConfig(
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **LLAMA_1B,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(dst)
+    tok.save_pretrained(dst)
+    shutil.copy(tokenizer_dir() / "tokenizer.model", dst / "tokenizer.model")
+    del model
+    return dst
+
+
+def prepare(workdir: Path, model_dir: Path, rows: int, max_length: int, run_name: str = RUN_NAME) -> dict:
+    """Write the synthetic data, prepare it through lab_utils.data.prepare; return the data report."""
+    os.environ["LAB_ROOT"] = str(workdir / "runs")
+    from lab_utils.data import prepare as prepare_data
+    from lab_utils.model import load_tokenizer
+    from lab_utils.run import start
+
+    form = {
+        "model.name": str(model_dir),
+        "model.max_length": max_length,
+        "data.path": str(workdir / f"finetome_like_{rows}x{max_length}.jsonl"),
+        "data.val_fraction": 0.01,
+        "data.on_too_long": "truncate",
+        "checkpoint.save_every_minutes": 1e6,  # the bench writes no checkpoints
+        "train.save_steps": 10**9,
+        "train.logging_steps": 10**9,
+    }
+    run = start(run_name, form=form, quiet=True)
+    tok = load_tokenizer(run.cfg)
+    data = Path(form["data.path"])
+    if not data.exists():
+        data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(tok, rows, max_length)))
+    prepare_data(run, tok)
+    return json.loads((run.data_dir / "data_report.json").read_text())
+
+
+# --------------------------------------------------------------------------- one configuration
+
+
+class CountingCollator:
+    """Wrap a collator; count the tokens, pad tokens and loss tokens of every batch it returns."""
+
+    def __init__(self, inner):
+        self.inner = inner
+        self.reset()
+
+    def reset(self) -> None:
+        """Zero the counters."""
+        self.batches = self.rows = self.tokens = self.real = self.loss_tokens = 0
+        self.shapes: list[tuple[int, int]] = []
+
+    def __call__(self, examples):
+        batch = self.inner(examples)
+        ids = batch["input_ids"]
+        mask = batch.get("attention_mask")
+        self.batches += 1
+        self.rows += len(examples)
+        self.tokens += ids.numel()
+        self.real += int(mask.sum()) if mask is not None else sum(len(e["input_ids"]) for e in examples)
+        self.loss_tokens += int((batch["labels"] != -100).sum())
+        self.shapes.append(tuple(ids.shape))
+        return batch
+
+    def summary(self) -> dict:
+        """Return the counts and the padding waste (pad tokens / all tokens)."""
+        return {
+            "batches": self.batches,
+            "rows": self.rows,
+            "tokens": self.tokens,
+            "real_tokens": self.real,
+            "pad_tokens": self.tokens - self.real,
+            "loss_tokens": self.loss_tokens,
+            "padding_waste": (self.tokens - self.real) / self.tokens if self.tokens else None,
+            "widest_batch": max(self.shapes, key=lambda s: s[0] * s[1]) if self.shapes else None,
+        }
+
+
+def _maxrss_gib() -> float:
+    """Return this process's peak resident memory in GiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (GIB if sys.platform == "darwin" else 2**20)
+
+
+def worker(
+    config: str,
+    workdir: Path,
+    timed_rows: int,
+    out: Path,
+    run_name: str,
+    path: str,
+    target: str | None,
+    micro: int | None = None,
+):
+    """Train one configuration for one epoch over `timed_rows` rows; write its measurements to `out`."""
+    os.environ["LAB_ROOT"] = str(workdir / "runs")
+    if path == "unsloth":
+        import unsloth  # noqa: F401  (first, so that it patches transformers and trl before they load)
+    import torch
+    from transformers import TrainerCallback
+    from transformers.trainer_utils import SaveStrategy
+
+    from lab_utils import defaults
+    from lab_utils.data import load_prepared
+    from lab_utils.model import load_for_training, load_tokenizer
+    from lab_utils.run import start
+    from lab_utils.training import build_trainer, train_settings
+
+    cuda = torch.cuda.is_available()
+    hardware = defaults.detect_hardware()
+    if cuda and target:
+        planned = defaults.hardware_from_name(target)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, planned.memory_gib / hardware.memory_gib))
+        hardware = planned
+    run = start(run_name, quiet=True)
+    tok = load_tokenizer(run.cfg)
+    data = load_prepared(run, tok)
+    settings = train_settings(run, hardware=hardware)
+    max_length = int(run.cfg["model"]["max_length"])
+    default_micro = settings["per_device_train_batch_size"]
+    if config == "seed":
+        settings.update(SEED_SETTINGS, pad_to_multiple_of=max_length)
+    elif micro:  # exploration: the default with another micro-batch, same effective batch
+        effective = default_micro * settings["gradient_accumulation_steps"]
+        settings.update(
+            per_device_train_batch_size=micro, gradient_accumulation_steps=max(1, effective // micro)
+        )
+    if cuda:  # the device's own 16-bit type: a T4's fp16 and an H100's bf16 take the same bytes
+        from lab_utils.model import compute_dtype
+
+        bf16 = compute_dtype() == torch.bfloat16
+        settings.update(bf16=bf16, fp16=not bf16)
+    settings["disable_tqdm"] = True
+    gc = bool(settings.get("gradient_checkpointing"))
+    rss_start = _maxrss_gib()
+    model, tok = load_for_training(
+        run.cfg, path, gradient_checkpointing=gc, attn_implementation=settings.get("_attn_implementation")
+    )
+    rss_loaded = _maxrss_gib()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        cuda_loaded = torch.cuda.memory_allocated() / GIB
+    trainer = build_trainer(run, model, tok, {"train": data["train"]}, settings)
+    trainer.args.save_strategy = SaveStrategy.NO  # measure training, not checkpoint writes
+    counter = CountingCollator(trainer.data_collator)
+    trainer.data_collator = counter
+
+    for _ in trainer.get_train_dataloader():  # one epoch of the real sampler + collator, no model
+        pass
+    full_epoch = counter.summary()
+    counter.reset()
+
+    class Clock(TrainerCallback):
+        start = first = end = None
+        steps = 0
+
+        def on_train_begin(self, args, state, control, **kw):
+            self.start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kw):
+            self.end = time.perf_counter()
+            self.first = self.first or self.end
+            self.steps += 1
+
+    clock = Clock()
+    trainer.add_callback(clock)
+    trainer.train_dataset = trainer.train_dataset.select(range(min(timed_rows, len(trainer.train_dataset))))
+    trainer.train()
+    seconds = clock.end - clock.start
+    timed = counter.summary()
+    result = {
+        "config": config,
+        "path": path,
+        "settings": {
+            k: v
+            for k, v in settings.items()
+            if not k.startswith("_") and k in (*defaults._DECIDED, "pad_to_multiple_of", "max_length")
+        },
+        "default_micro_batch": default_micro,
+        "optimizer_steps": clock.steps,
+        "seconds": seconds,
+        "first_step_seconds": clock.first - clock.start,
+        "timed": timed,
+        "full_epoch": full_epoch,
+        "tokens_per_s": timed["real_tokens"] / seconds,
+        "loss_tokens_per_s": timed["loss_tokens"] / seconds,
+        "processed_tokens_per_s": timed["tokens"] / seconds,
+        "rss_start_gib": rss_start,
+        "rss_after_load_gib": rss_loaded,
+        "rss_peak_gib": _maxrss_gib(),
+        "hardware": {"name": hardware.name, "memory_gib": hardware.memory_gib, "kind": hardware.kind},
+        "estimated_peak_gib": _estimate(settings, run.cfg, hardware, timed["widest_batch"]),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+    }
+    if cuda:
+        result["cuda_peak_allocated_gib"] = torch.cuda.max_memory_allocated() / GIB
+        result["cuda_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
+        result["cuda_after_load_gib"] = cuda_loaded
+        result["device"] = torch.cuda.get_device_name(0)
+    out.write_text(json.dumps(result, indent=1))
+
+
+def _estimate(settings: dict, cfg: dict, hardware, widest: tuple[int, int] | None) -> dict:
+    """Return defaults.estimate_memory() for these settings: planned (rows of max_length) and for the widest batch seen."""
+    from lab_utils import defaults
+    from lab_utils.training import _model_params
+
+    params, shape = _model_params(cfg)
+    kwargs = dict(
+        model_params=params,
+        lora_r=int(cfg["lora"].get("r", 32)),
+        max_length=int(cfg["model"]["max_length"]),
+        micro_batch=int(settings["per_device_train_batch_size"]),
+        gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
+        optim=str(settings.get("optim")),
+        lora_dropout=float(cfg["lora"].get("lora_dropout", 0.0)),
+        dtype_bytes=2 if hardware.kind == "cuda" else 4,
+        device_kind=hardware.kind,
+        **{k: v for k, v in shape.items() if v},
+    )
+    planned = defaults.estimate_memory(**kwargs)
+    seen = (
+        defaults.estimate_memory(**{**kwargs, "tokens_per_batch": widest[0] * widest[1]}) if widest else None
+    )
+    return {
+        "planned_gib": round(planned.total_gib, 3),
+        "widest_batch_gib": round(seen.total_gib, 3) if seen else None,
+        "widest_batch": widest,
+        "loss_type_assumed": "nll",
+    }
+
+
+# --------------------------------------------------------------------------- orchestration
+
+
+def _spawn(args: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run `python bench/run.py ARGS` in a fresh process (so each one's peak memory is its own)."""
+    return subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def _child_env(workdir: Path, threads: int | None = None) -> dict:
+    """Return the environment of a worker: this repository first on PYTHONPATH, the bench's LAB_ROOT, threads."""
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), *filter(None, [env.get("PYTHONPATH")])])
+    env["LAB_ROOT"] = str(workdir / "runs")
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+def compare(
+    workdir: Path,
+    repeats: int,
+    timed_rows: int,
+    run_name: str,
+    path: str,
+    target: str | None,
+    label: str,
+    extra_micro: tuple[int, ...] = (),
+    threads: int | None = None,
+    timeout: float = 1800,
+) -> dict:
+    """Run seed and default interleaved `repeats` times; return the runs and the summary ratios.
+
+    extra_micro: also run the default at these micro-batches (same effective batch), for comparison.
+    """
+    env = _child_env(workdir, threads)
+    runs = []
+    configs = [("seed", None), ("default", None)] + [("default", m) for m in extra_micro]
+    for rep in range(repeats):
+        for config, micro in configs:
+            name = config if micro is None else f"default-micro{micro}"
+            out = workdir / f"{label}-{name}-{rep}.json"
+            args = [
+                "--worker",
+                config,
+                "--workdir",
+                str(workdir),
+                "--timed-rows",
+                str(timed_rows),
+                "--run-name",
+                run_name,
+                "--path",
+                path,
+                "--result",
+                str(out),
+            ]
+            if target:
+                args += ["--target", target]
+            if micro:
+                args += ["--micro", str(micro)]
+            t0 = time.monotonic()
+            proc = _spawn(args, env, timeout)
+            if proc.returncode != 0 or not out.exists():
+                tail = (proc.stdout + proc.stderr)[-3000:]
+                raise RuntimeError(f"{label} {config} run {rep} failed (exit {proc.returncode}):\n{tail}")
+            r = json.loads(out.read_text())
+            r["config"] = name
+            r["rep"] = rep
+            r["wall_seconds"] = time.monotonic() - t0
+            runs.append(r)
+            print(
+                f"  {label} {name:<7} rep {rep}: {r['tokens_per_s']:8.0f} trained tok/s, waste "
+                f"{r['timed']['padding_waste']:.1%}, {r['optimizer_steps']} steps in {r['seconds']:.1f} s",
+                flush=True,
+            )
+    return summarize(runs)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Return the headline numbers from interleaved runs: waste, median pair ratio, peaks."""
+    by = {c: [r for r in runs if r["config"] == c] for c in ("seed", "default")}
+    pairs = [d["tokens_per_s"] / s["tokens_per_s"] for s, d in zip(by["seed"], by["default"], strict=True)]
+    one = {c: by[c][0] for c in by}
+
+    def peak(c: str) -> float:
+        key = "cuda_peak_allocated_gib" if "cuda_peak_allocated_gib" in one[c] else "rss_peak_gib"
+        return max(r[key] for r in by[c])
+
+    return {
+        "padding_waste_seed": one["seed"]["timed"]["padding_waste"],
+        "padding_waste_default": one["default"]["timed"]["padding_waste"],
+        "padding_waste_full_epoch_seed": one["seed"]["full_epoch"]["padding_waste"],
+        "padding_waste_full_epoch_default": one["default"]["full_epoch"]["padding_waste"],
+        "tokens_per_s_ratio_default_over_seed": _median(pairs),
+        "tokens_per_s_ratio_pairs": pairs,
+        "tokens_per_s_seed_median": _median([r["tokens_per_s"] for r in by["seed"]]),
+        "tokens_per_s_default_median": _median([r["tokens_per_s"] for r in by["default"]]),
+        "peak_memory_unit": "cuda max_memory_allocated GiB"
+        if "cuda_peak_allocated_gib" in one["seed"]
+        else "process peak RSS GiB (ru_maxrss)",
+        "peak_memory_gib_seed": peak("seed"),
+        "peak_memory_gib_default": peak("default"),
+        "estimated_peak_gib_seed": one["seed"]["estimated_peak_gib"],
+        "estimated_peak_gib_default": one["default"]["estimated_peak_gib"],
+        "settings_seed": one["seed"]["settings"],
+        "settings_default": one["default"]["settings"],
+        "extra": {
+            name: {
+                "settings": rs[0]["settings"],
+                "padding_waste": rs[0]["timed"]["padding_waste"],
+                "padding_waste_full_epoch": rs[0]["full_epoch"]["padding_waste"],
+                "tokens_per_s_median": _median([r["tokens_per_s"] for r in rs]),
+                "tokens_per_s_ratio_over_seed": _median(
+                    [r["tokens_per_s"] / s["tokens_per_s"] for s, r in zip(by["seed"], rs, strict=True)]
+                ),
+                "peak_memory_gib": max(r.get("cuda_peak_allocated_gib", r["rss_peak_gib"]) for r in rs),
+            }
+            for name in sorted({r["config"] for r in runs} - {"seed", "default"})
+            for rs in [[r for r in runs if r["config"] == name]]
+        },
+        "runs": runs,
+    }
+
+
+def defaults_cli_table() -> list[dict]:
+    """Return `python -m lab_utils defaults --gpu G --model-params 1.24e9 --max-length 2048 --json` per GPU."""
+    rows = []
+    for gpu in ("T4", "L4", "A100-40GB", "cpu"):
+        cmd = [
+            sys.executable,
+            "-m",
+            "lab_utils",
+            "defaults",
+            "--gpu",
+            gpu,
+            "--model-params",
+            "1.24e9",
+            "--max-length",
+            "2048",
+            "--json",
+        ]
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, env=_child_env(Path(tempfile.gettempdir())), cwd=REPO
+        )
+        if proc.returncode != 0:
+            rows.append({"gpu": gpu, "error": (proc.stderr or proc.stdout).strip()[-300:]})
+            continue
+        out = json.loads(proc.stdout)
+        rows.append(
+            {
+                "gpu": gpu,
+                **{k: v for k, v in out.items() if k not in ("reasons", "estimate")},
+                "estimate": out.get("estimate"),
+            }
+        )
+    return rows
+
+
+def gpu_section(
+    workdir: Path, repeats: int, timed_rows: int, rows: int, paths: tuple[str, ...] = ("unsloth", "plain")
+) -> dict:
+    """Return the GPU comparison (1B-shaped Llama, T4 memory cap, plain and unsloth paths), or why it was skipped."""
+    try:
+        import torch
+    except ImportError:
+        return {"skipped": "torch is not installed"}
+    if not torch.cuda.is_available():
+        return {
+            "skipped": "no CUDA device on this machine: the 1B-shaped GPU comparison runs only where torch.cuda.is_available()"
+        }
+    from lab_utils import defaults
+
+    device = torch.cuda.get_device_name(0)
+    total = torch.cuda.get_device_properties(0).total_memory / GIB
+    target = defaults.hardware_from_name(GPU_TARGET)
+    model_dir = llama_1b(workdir)
+    report = prepare(workdir, model_dir, rows, SEED_LENGTH, run_name="bench-1b")
+    section: dict = {
+        "device": device,
+        "device_memory_gib": round(total, 2),
+        "planned_for": target.name,
+        "memory_cap_gib": target.memory_gib,
+        "memory_fraction": round(target.memory_gib / total, 4),
+        "model": {
+            "shape": "Llama-3.2-1B (random init, tied embeddings)",
+            **{
+                k: LLAMA_1B[k]
+                for k in ("hidden_size", "num_hidden_layers", "intermediate_size", "vocab_size")
+            },
+        },
+        "length_stats": report.get("length_stats"),
+        "paths": {},
+    }
+    paths = list(paths)
+    if "unsloth" in paths:
+        try:
+            probe = subprocess.run(
+                [sys.executable, "-c", "import unsloth"],
+                capture_output=True,
+                text=True,
+                timeout=300,
+                env=_child_env(workdir),
+            )
+            if probe.returncode != 0:
+                paths.remove("unsloth")
+                last = (probe.stderr.strip().splitlines() or ["(no message)"])[-1]
+                section["paths"]["unsloth"] = {"skipped": f"unsloth does not import: {last[:300]}"}
+        except subprocess.TimeoutExpired:
+            paths.remove("unsloth")
+            section["paths"]["unsloth"] = {"skipped": "import unsloth took over 300 s"}
+    for path in paths:
+        try:
+            section["paths"][path] = compare(
+                workdir, repeats, timed_rows, "bench-1b", path, GPU_TARGET, f"gpu-{path}"
+            )
+        except Exception as e:  # one path failing must not lose the other's numbers
+            section["paths"][path] = {"error": str(e)[-2000:]}
+    return section
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _write(path: Path, text: str) -> None:
+    """Write text to path atomically (a reader never sees half a file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{x:.1%}"
+
+
+def _megabatch(rows: int, batch: int) -> int:
+    """Return the rows per LengthGroupedSampler mega-batch (transformers 5.17: min(rows // (4 * batch), 50) * batch)."""
+    return max(1, min(rows // (batch * 4), 50)) * batch
+
+
+def notes(res: dict) -> list[str]:
+    """Return one line per finding: what the numbers say and why, including goals missed."""
+    c, out = res["cpu"], []
+    d, s = c["settings_default"], c["settings_seed"]
+    effective = d["per_device_train_batch_size"] * d["gradient_accumulation_steps"]
+    train_rows = c["runs"][0]["full_epoch"]["rows"]
+    timed = c["runs"][0]["timed"]["rows"]
+    ratio, waste, full = (
+        c["tokens_per_s_ratio_default_over_seed"],
+        c["padding_waste_default"],
+        c["padding_waste_full_epoch_default"],
+    )
+    out.append(
+        f"Speed: the default trains {ratio:.2f}x the seed's non-pad tokens per second "
+        f"({'meets' if ratio >= GOAL_RATIO else 'misses'} the {GOAL_RATIO:.0f}x goal). The seed pads every row to "
+        f"{s.get('pad_to_multiple_of')} tokens ({_pct(c['padding_waste_seed'])} of its work is padding) and runs "
+        f"{c['runs'][0]['timed']['batches']} micro-batches per epoch where the default runs "
+        f"{next(r for r in c['runs'] if r['config'] == 'default')['timed']['batches']}."
+    )
+    out.append(
+        f"Padding: the default wastes {_pct(waste)} in the timed epoch ({timed} rows) and {_pct(full)} over one epoch "
+        f"of all {train_rows} rows (goal <= {GOAL_WASTE:.0%}). transformers' LengthGroupedSampler sorts rows only "
+        f"inside mega-batches of min(rows / (4 x {effective}), 50) x {effective} rows: {_megabatch(timed, effective)} "
+        f"rows for the timed epoch, {_megabatch(train_rows, effective)} for the whole set, 800 for a FineTome-sized "
+        f"set (100k rows). The fewer rows sorted together, the more a micro-batch of "
+        f"{d['per_device_train_batch_size']} mixes lengths."
+    )
+    for name, e in sorted(c.get("extra", {}).items()):
+        es = e["settings"]
+        out.append(
+            f"{name} (micro-batch {es['per_device_train_batch_size']} x {es['gradient_accumulation_steps']}, same "
+            f"effective batch): waste {_pct(e['padding_waste'])} timed, {_pct(e['padding_waste_full_epoch'])} over "
+            f"the whole set, {e['tokens_per_s_median']:.0f} trained tokens/s ({e['tokens_per_s_ratio_over_seed']:.2f}x "
+            f"the seed) vs the default's {c['tokens_per_s_default_median']:.0f}."
+        )
+    if c.get("extra"):
+        out.append(
+            "Bigger micro-batches pad more (a row is padded to the longest of its micro-batch); smaller ones pay "
+            "a fixed cost per micro-batch on a CPU (4-bit dequantization of every layer, Python overhead)."
+        )
+    est_s, est_d = (
+        c["estimated_peak_gib_seed"]["widest_batch_gib"],
+        c["estimated_peak_gib_default"]["widest_batch_gib"],
+    )
+    base = min(r["rss_after_load_gib"] for r in c["runs"])
+    out.append(
+        f"Memory: peak {c['peak_memory_gib_seed']:.2f} GiB (seed) and {c['peak_memory_gib_default']:.2f} GiB "
+        f"(default) of process RSS; estimate_memory() said {est_s:.2f} and {est_d:.2f} GiB for the widest batches "
+        f"(it assumes 1.0 GiB of process overhead on CPU; this process held {base:.2f} GiB after loading the model)."
+    )
+    return out
+
+
+def markdown(res: dict) -> str:
+    """Return the readable report of a results dict."""
+    cpu = res["cpu"]
+    d, s = cpu["settings_default"], cpu["settings_seed"]
+    ls = res["data"]["length_stats"]
+    scale = SEED_LENGTH / res["max_length"]
+    scale_note = (
+        "the seed's own" if scale == 1 else f"the seed's {SEED_LENGTH} scaled down {scale:g}x, lengths too"
+    )
+    lines = [
+        "# Bench: seed configuration vs lab defaults",
+        "",
+        f"{res['date']} · {res['machine']['platform']} · {res['machine']['cpus']} CPUs · torch {res['machine']['torch']}"
+        f" · load average {res['machine']['loadavg_start']} at the start, {res.get('loadavg_end')} at the end",
+        "",
+        f"`{res.get('command', 'python bench/run.py')}` took {res.get('seconds', 0) / 60:.1f} min.",
+        "",
+        f"Model: embedded tiny Llama (4-bit nf4, LoRA r=32), max_length {res['max_length']} "
+        f"({scale_note}), "
+        f"{res.get('threads')} CPU thread(s) per run. Data: {ls['rows']} synthetic rows, "
+        f"FineTome-like lengths: p50 {ls['p50']}, p95 {ls['p95']}, p99 {ls['p99']}, max {ls['max']}, mean {ls['mean']:.0f} tokens. "
+        f"Timed: one epoch over the same {res['timed_rows']} rows per run, {res['repeats']} interleaved pairs.",
+        "",
+        "| | seed | default | goal |",
+        "|---|---|---|---|",
+        f"| micro-batch x accumulation | {s['per_device_train_batch_size']} x {s['gradient_accumulation_steps']} | "
+        f"{d['per_device_train_batch_size']} x {d['gradient_accumulation_steps']} | |",
+        f"| order / padding | {s['train_sampling_strategy']}, pad to {s.get('pad_to_multiple_of')} | "
+        f"{d['train_sampling_strategy']}, pad to longest in batch | |",
+        f"| gradient checkpointing | {s.get('gradient_checkpointing')} | {d.get('gradient_checkpointing')} | |",
+        f"| padding waste (timed batches) | {_pct(cpu['padding_waste_seed'])} | {_pct(cpu['padding_waste_default'])} | ≤ {GOAL_WASTE:.0%} |",
+        f"| padding waste (one epoch, all {ls['rows']} rows) | {_pct(cpu['padding_waste_full_epoch_seed'])} | "
+        f"{_pct(cpu['padding_waste_full_epoch_default'])} | ≤ {GOAL_WASTE:.0%} |",
+        f"| trained tokens/s (median) | {cpu['tokens_per_s_seed_median']:.0f} | {cpu['tokens_per_s_default_median']:.0f} | |",
+        f"| ratio default / seed (median of pairs) | | **{cpu['tokens_per_s_ratio_default_over_seed']:.2f}x** "
+        f"({', '.join(f'{p:.2f}' for p in cpu['tokens_per_s_ratio_pairs'])}) | ≥ {GOAL_RATIO:.0f}x |",
+        f"| peak memory ({cpu['peak_memory_unit']}) | {cpu['peak_memory_gib_seed']:.2f} | {cpu['peak_memory_gib_default']:.2f} | |",
+        f"| estimate_memory() for the widest batch seen | {cpu['estimated_peak_gib_seed']['widest_batch_gib']:.2f} | "
+        f"{cpu['estimated_peak_gib_default']['widest_batch_gib']:.2f} | |",
+        "",
+        "Per run:",
+        "",
+        "| config | rep | steps | seconds | trained tok/s | loss tok/s | waste | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in cpu["runs"]:
+        lines.append(
+            f"| {r['config']} | {r['rep']} | {r['optimizer_steps']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
+            f"{r['loss_tokens_per_s']:.0f} | {_pct(r['timed']['padding_waste'])} | {r['rss_peak_gib']:.2f} |"
+        )
+    lines += [
+        "",
+        "## What `python -m lab_utils defaults --model-params 1.24e9 --max-length 2048` chooses",
+        "",
+        "| gpu | micro x accum | checkpointing | precision | optim | padding | attn | estimated peak GiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for row in res["defaults_cli"]:
+        if "error" in row:
+            lines.append(f"| {row['gpu']} | error: {row['error']} | | | | | | |")
+            continue
+        prec = "bf16" if row.get("bf16") else "fp16" if row.get("fp16") else "fp32"
+        pad = "packing (bfd), padding-free" if row.get("packing") else row.get("train_sampling_strategy")
+        lines.append(
+            f"| {row['gpu']} | {row['per_device_train_batch_size']} x {row['gradient_accumulation_steps']} | "
+            f"{row['gradient_checkpointing']} | {prec} | {row['optim']} | {pad} | {row['attn_implementation']} | "
+            f"{row['estimated_peak_gib']:.2f} |"
+        )
+    lines += ["", "## GPU", ""] + gpu_markdown(res["gpu"])
+    if res.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {n}" for n in res["notes"]]
+    return "\n".join(lines) + "\n"
+
+
+def gpu_markdown(gpu: dict) -> list[str]:
+    """Return the GPU section's lines: the table of a run, or why it was skipped (and the last run, if any)."""
+    lines: list[str] = []
+    if "skipped" in gpu:
+        lines.append(f"Skipped here: {gpu['skipped']}.")
+        gpu = gpu.get("last_run") or {}
+        if not gpu:
+            return lines
+        lines += ["", f"Last GPU run ({gpu.get('date')}, `bench/results/gpu.json`):", ""]
+    lines.append(
+        f"{gpu['device']} capped at {gpu['memory_cap_gib']} GiB (a {gpu['planned_for']}'s memory), Llama-3.2-1B-shaped "
+        f"model (random init, 4-bit), defaults chosen for a {gpu['planned_for']}; data p50 "
+        f"{(gpu.get('length_stats') or {}).get('p50')}, p95 {(gpu.get('length_stats') or {}).get('p95')} tokens; "
+        f"one epoch over {gpu.get('timed_rows')} rows per run."
+    )
+    lines += [
+        "",
+        "| path | micro x accum seed / default | waste seed | waste default | tok/s seed | tok/s default | "
+        "ratio | peak GiB seed | peak GiB default | estimate seed | estimate default |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for path, p in gpu["paths"].items():
+        if "skipped" in p or "error" in p:
+            why = (p.get("skipped") or p.get("error") or "").replace("\n", " ").replace("|", "/")
+            lines.append(f"| {path} | {why[-400:]} | | | | | | | | | |")
+            continue
+        s, d = p["settings_seed"], p["settings_default"]
+        lines.append(
+            f"| {path} | {s['per_device_train_batch_size']} x {s['gradient_accumulation_steps']} / "
+            f"{d['per_device_train_batch_size']} x {d['gradient_accumulation_steps']} | "
+            f"{_pct(p['padding_waste_seed'])} | {_pct(p['padding_waste_default'])} | "
+            f"{p['tokens_per_s_seed_median']:.0f} | {p['tokens_per_s_default_median']:.0f} | "
+            f"{p['tokens_per_s_ratio_default_over_seed']:.2f}x | {p['peak_memory_gib_seed']:.2f} | "
+            f"{p['peak_memory_gib_default']:.2f} | {p['estimated_peak_gib_seed']['widest_batch_gib']:.2f} | "
+            f"{p['estimated_peak_gib_default']['widest_batch_gib']:.2f} |"
+        )
+    lines += [
+        "",
+        "Peaks are `torch.cuda.max_memory_allocated`; estimates are `defaults.estimate_memory()` for the "
+        "widest batch each run saw (full logits, loss_type nll: an upper bound for TRL's chunked loss).",
+    ]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the bench (or one worker, with --worker); return the exit code."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repeats", type=int, default=2, help="interleaved (seed, default) pairs")
+    p.add_argument("--rows", type=int, default=2000, help="rows in the synthetic data set")
+    p.add_argument("--timed-rows", type=int, default=512, help="rows each timed run trains on (one epoch)")
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_BENCH_LENGTH,
+        help=f"the seed's row length on CPU; {SEED_LENGTH} is the seed's own, "
+        f"{DEFAULT_BENCH_LENGTH} keeps 2 cores within ~10 min (lengths scale with it)",
+    )
+    p.add_argument(
+        "--extra-micro",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time the default at these micro-batches (same effective batch)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="CPU threads per worker (1: on a busy machine OpenMP's spinning threads made 2 erratic and 5-15x slower)",
+    )
+    p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is present")
+    p.add_argument("--gpu-only", action="store_true", help="run only the GPU section")
+    p.add_argument("--gpu-timed-rows", type=int, default=128, help="rows each timed GPU run trains on")
+    p.add_argument(
+        "--gpu-rows", type=int, default=1000, help="rows in the GPU section's data set (length 2048)"
+    )
+    p.add_argument("--gpu-repeats", type=int, default=2, help="interleaved pairs per GPU path")
+    p.add_argument("--gpu-paths", nargs="+", default=["unsloth", "plain"], choices=["unsloth", "plain"])
+    p.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json and latest.md")
+    p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument(
+        "--markdown-only", action="store_true", help="rewrite latest.md from latest.json, run nothing"
+    )
+    # internal: one configuration in its own process
+    p.add_argument("--worker", choices=("seed", "default"))
+    p.add_argument("--result", type=Path)
+    p.add_argument("--run-name", default=RUN_NAME)
+    p.add_argument("--path", default="plain")
+    p.add_argument("--target", default=None)
+    p.add_argument("--micro", type=int, default=None)
+    a = p.parse_args(argv)
+    if a.worker:
+        worker(a.worker, a.workdir, a.timed_rows, a.result, a.run_name, a.path, a.target, a.micro)
+        return 0
+
+    if a.markdown_only:
+        res = json.loads((a.out / "latest.json").read_text())
+        _write(a.out / "latest.md", markdown(res))
+        print(f"Wrote {a.out / 'latest.md'}")
+        return 0
+    t0 = time.monotonic()
+    workdir = a.workdir or Path(tempfile.mkdtemp(prefix="lab-bench-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    res: dict = {
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "machine": {
+            "platform": platform.platform(terse=True),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()],
+        },
+        "command": " ".join(["python bench/run.py", *(argv if argv is not None else sys.argv[1:])]),
+        "repeats": a.repeats,
+        "timed_rows": a.timed_rows,
+        "max_length": a.max_length,
+        "threads": a.threads,
+        "goals": {"padding_waste_default_max": GOAL_WASTE, "tokens_per_s_ratio_min": GOAL_RATIO},
+    }
+    if not a.gpu_only:
+        print(f"Preparing {a.rows} FineTome-like rows in {workdir} ...", flush=True)
+        report = prepare(workdir, bench_model(workdir, a.max_length), a.rows, a.max_length)
+        res["data"] = {
+            "rows": a.rows,
+            "distribution": f"lognormal(median {LENGTH_MEDIAN}, sigma {LENGTH_SIGMA}) clipped to "
+            f"[{LENGTH_MIN}, {SEED_LENGTH}] at 2048 tokens, scaled by {a.max_length}/{SEED_LENGTH}; prompt share "
+            f"uniform{PROMPT_SHARE}; seed {DATA_SEED}",
+            "length_stats": report["length_stats"],
+        }
+        print("CPU comparison (the tiny model):", flush=True)
+        res["cpu"] = compare(
+            workdir, a.repeats, a.timed_rows, RUN_NAME, "plain", None, "cpu", tuple(a.extra_micro), a.threads
+        )
+        res["defaults_cli"] = defaults_cli_table()
+        res["notes"] = notes(res)
+    if a.no_gpu:
+        res["gpu"] = {"skipped": "--no-gpu given"}
+    else:
+        res["gpu"] = gpu_section(workdir, a.gpu_repeats, a.gpu_timed_rows, a.gpu_rows, tuple(a.gpu_paths))
+        if "skipped" in res["gpu"]:
+            print(f"GPU section skipped: {res['gpu']['skipped']}")
+        else:
+            res["gpu"].update(date=res["date"], timed_rows=a.gpu_timed_rows, repeats=a.gpu_repeats)
+            _write(a.out / "gpu.json", json.dumps(res["gpu"], indent=1, default=str))
+            _write(a.out / "gpu.md", "# Bench on a GPU\n\n" + "\n".join(gpu_markdown(res["gpu"])) + "\n")
+    if "skipped" in res["gpu"] and (a.out / "gpu.json").exists():
+        res["gpu"]["last_run"] = json.loads((a.out / "gpu.json").read_text())
+    res["seconds"] = round(time.monotonic() - t0, 1)
+    res["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    if not a.gpu_only:
+        _write(a.out / "latest.json", json.dumps(res, indent=1, default=str))
+        _write(a.out / "latest.md", markdown(res))
+        c = res["cpu"]
+        print(
+            f"padding waste: seed {_pct(c['padding_waste_seed'])}, default {_pct(c['padding_waste_default'])} "
+            f"(one full epoch: {_pct(c['padding_waste_full_epoch_default'])}); trained tokens/s default/seed "
+            f"{c['tokens_per_s_ratio_default_over_seed']:.2f}x; peak {c['peak_memory_gib_seed']:.2f} vs "
+            f"{c['peak_memory_gib_default']:.2f} GiB"
+        )
+    print(f"Wrote {a.out} in {res['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
