@@ -14,7 +14,6 @@ from lab_utils.checkpoints import (
     choose_resume,
     delete_tree,
     prune_checkpoints,
-    scan_checkpoints,
     write_manifest,
 )
 from lab_utils.errors import LabError

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from lab_utils.errors import LabError
-
 from lab_utils import export
+from lab_utils.errors import LabError
 
 SECRET = "hf_testsecret123"
 BASE_TEMPLATE = "{% for m in messages %}BASE {{ m['content'] }}{% endfor %}"
