@@ -59,7 +59,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "checkpoint": {"save_every_minutes": 20.0, "min_free_gib": 0.5},
     "eval": {"num_generations": 8, "max_new_tokens": 16, "metric": "auto", "metric_pattern": None},
-    "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True},
+    "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True, "adapter": "best"},
 }
 
 # Keys a user sets outside the section table.
