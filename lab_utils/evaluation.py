@@ -15,10 +15,10 @@ loaded at all. Task metrics are recomputed from the cached answers, so changing 
 costs nothing.
 
 eval/metrics.json (contract):
-    {"base": {"loss", "perplexity", "tokens", <task metrics>}, "tuned": {...},
+    {"base": {"loss", "perplexity", <task metrics>}, "tuned": {...},
      "best": {...} (only when the best checkpoint is not the final adapter),
      "best_checkpoint": "checkpoint-N", "checkpoints": [{"name", "step", "loss"}, ...],
-     "metric": kind, "rows": n, ...}
+     "metric": kind, "rows": n, "tokens": assistant tokens scored, ...}
 """
 
 from __future__ import annotations
@@ -426,7 +426,7 @@ def _release(model) -> None:
 
 
 def _scores(loss: dict, preds: list[str], refs: list[str], kind: str, pattern: str | None, metric) -> dict:
-    out = {"loss": loss["loss"], "perplexity": math.exp(min(loss["loss"], 50.0)), "tokens": loss["tokens"]}
+    out = {"loss": loss["loss"], "perplexity": math.exp(min(loss["loss"], 50.0))}
     out.update(task_metrics(preds, refs, kind, pattern))
     if metric is not None:
         out.update({str(k): float(v) for k, v in metric(preds, refs).items()})
@@ -580,6 +580,7 @@ def evaluate_run(
             "metric": kind,
             "metric_pattern": pattern if kind in ("regex", "number") else None,
             "rows": len(ds),
+            "tokens": tuned_loss["tokens"],
             "validation_rows": len(val),
             "validation_fingerprint": fp,
             "tuned_adapter_hash": tuned_hash,
@@ -607,8 +608,7 @@ def evaluate_run(
 
 
 def _task_keys(metrics: dict) -> list[str]:
-    return [k for k, v in metrics["base"].items() if k not in ("loss", "perplexity", "tokens")
-            and isinstance(v, (int, float))]
+    return [k for k, v in metrics["base"].items() if k not in ("loss", "perplexity") and isinstance(v, (int, float))]
 
 
 def metrics_table(metrics: dict) -> list[dict[str, Any]]:
@@ -645,6 +645,8 @@ def verdict(metrics: dict) -> str:
         else "It did not work: the tuned adapter does not beat the base")
     best = metrics.get("best_checkpoint")
     tail = f"; best checkpoint by validation loss: {best}" if best else ""
+    if "best" in metrics:
+        tail += f" (loss {metrics['best']['loss']:.3f}, better than the final adapter; 04_export ships it)"
     return f"{head} — {'; '.join(parts)}{tail}."
 
 

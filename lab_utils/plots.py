@@ -85,7 +85,7 @@ def plot_task_metric(run, metrics: dict[str, Any]) -> Path:
     from .evaluation import lower_is_better
 
     cols = [c for c in ("base", "tuned", "best") if c in metrics]
-    keys = [k for k, v in metrics["base"].items() if k not in ("perplexity", "tokens") and isinstance(v, (int, float))]
+    keys = [k for k, v in metrics["base"].items() if k != "perplexity" and isinstance(v, (int, float))]
     keys = [k for k in keys if k != "loss"] + ["loss"]
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 0.6, 3.2), squeeze=False)

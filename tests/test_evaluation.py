@@ -101,7 +101,7 @@ def test_lower_is_better_only_for_losses_and_errors():
 
 
 def _metrics(base_loss=3.0, tuned_loss=1.0, base_mae=80.0, tuned_mae=5.0, tuned_parsed=1.0):
-    side = lambda loss, mae, parsed: {"loss": loss, "perplexity": math.exp(loss), "tokens": 500,  # noqa: E731
+    side = lambda loss, mae, parsed: {"loss": loss, "perplexity": math.exp(loss),  # noqa: E731
                                       "price_mae": mae, "price_parsed": parsed}
     return {"base": side(base_loss, base_mae, 0.0), "tuned": side(tuned_loss, tuned_mae, tuned_parsed),
             "best_checkpoint": "checkpoint-40", "rows": 10,
@@ -122,7 +122,7 @@ def test_metrics_table_marks_the_winner_by_each_metrics_direction():
     assert rows["loss"]["tuned better?"] == "yes"
     assert rows["price_mae"]["tuned better?"] == "no"  # 90 > 80: worse, as lower is better
     assert rows["price_parsed"]["tuned better?"] == "yes"
-    assert "tokens" not in rows
+    assert set(rows) == {"loss", "perplexity", "price_mae", "price_parsed"}
 
 
 def test_evaluation_sample_is_seeded_sorted_and_the_whole_split_when_small():
@@ -322,9 +322,10 @@ def test_best_checkpoint_has_the_lowest_loss_and_each_loss_is_that_adapter_alone
     ds = val.select(eval_sample(len(val), m["rows"], run.cfg["data"]["seed"]))
     tok = load_tokenizer(run.cfg)
     # checkpoint-20 loaded the ordinary way, on a fresh base: the switched-in adapter must give the same loss
+    # (up to rounding: bitsandbytes' CPU 4-bit kernel computes in bf16, so a recomputation agrees to ~1e-4..1e-3)
     alone = PeftModel.from_pretrained(load_base_model(run.cfg), str(run.checkpoints_dir / "checkpoint-20")).eval()
-    assert assistant_loss(alone, ds, pad_id=tok.pad_token_id) == pytest.approx(losses["checkpoint-20"], rel=1e-4)
-    assert losses["checkpoint-20"] != pytest.approx(losses["checkpoint-40"], rel=1e-3)
+    assert assistant_loss(alone, ds, pad_id=tok.pad_token_id) == pytest.approx(losses["checkpoint-20"], rel=2e-3)
+    assert losses["checkpoint-20"] != pytest.approx(losses["checkpoint-40"], rel=2e-2)  # a wrong adapter would show
 
 
 @pytest.mark.slow
@@ -357,7 +358,33 @@ def test_evaluation_cut_off_midway_recomputes_only_the_missing_part(trained, mon
     again = evaluate_run(run)
     assert "Reusing 4 of 5 finished parts" in capsys.readouterr().out
     assert again["parts"]["computed"] == ["checkpoint-20 loss"]
-    assert again["checkpoints"][0]["loss"] == pytest.approx(first["checkpoints"][0]["loss"], rel=1e-5)
+    assert again["checkpoints"][0]["loss"] == pytest.approx(first["checkpoints"][0]["loss"], rel=2e-3)  # bf16 CPU kernel
+
+
+@pytest.mark.slow
+def test_a_best_checkpoint_other_than_the_final_adapter_is_scored_and_exported(trained, tmp_path, monkeypatch):
+    import shutil
+
+    from lab_utils.evaluation import evaluate_run
+
+    env, run_dir, _ = trained
+    first = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    worse = max(first["checkpoints"], key=lambda c: c["loss"])["name"]
+    copy_dir = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy_dir)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # the final adapter = the worse checkpoint
+        shutil.copy2(copy_dir / "checkpoints" / worse / name, copy_dir / "adapter" / name)
+    run = _start({**env, "LAB_ROOT": str(tmp_path / "runs")}, monkeypatch)
+    m = evaluate_run(run)
+    assert m["best_checkpoint"] == first["best_checkpoint"] != worse
+    assert m["best"]["loss"] == pytest.approx(min(c["loss"] for c in first["checkpoints"]))
+    assert m["best"]["price_mae"] == pytest.approx(first["tuned"]["price_mae"])  # the old final adapter's answers
+    assert m["tuned"]["loss"] == pytest.approx(max(c["loss"] for c in first["checkpoints"]))
+    assert m["parts"]["computed"] == ["tuned answers"]  # everything else was cached under the same adapter hashes
+    gens = [json.loads(x) for x in (run.eval_dir / "generations.jsonl").read_text().splitlines()]
+    assert "best" in gens[0]
+    assert export_adapter_source(run)[0] == run.checkpoints_dir / first["best_checkpoint"]
+    assert "04_export ships it" in verdict(m)
 
 
 @pytest.mark.slow
