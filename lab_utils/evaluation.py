@@ -416,10 +416,9 @@ def _write_json(path: Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
-def _release(model) -> None:
+def _free_memory() -> None:
     import torch
 
-    del model
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -491,16 +490,16 @@ def evaluate_run(
     if cached:
         print(f"Reusing {len(cached)} of {len(planned)} finished parts from {run.display(parts.folder)}: {', '.join(cached)}")
 
-    tok_holder: dict[str, Any] = {}
+    loaded: dict[str, Any] = {}
 
     def model():
-        if "model" not in tok_holder:
-            tok_holder["model"], tok_holder["tok"] = load_tuned(run)
-        return tok_holder["model"]
+        if "model" not in loaded:
+            loaded["model"], loaded["tok"] = load_tuned(run)
+        return loaded["model"]
 
     def pad_id() -> int:
         model()
-        return tok_holder["tok"].pad_token_id
+        return loaded["tok"].pad_token_id
 
     def measure_loss(label: str, adapter: str | None):
         def compute():
@@ -522,9 +521,9 @@ def evaluate_run(
             m = model()
             if adapter is None:
                 with m.disable_adapter():
-                    return generate(m, tok_holder["tok"], prompts, max_new, batch_size, seed)
+                    return generate(m, loaded["tok"], prompts, max_new, batch_size, seed)
             m.set_adapter(adapter, inference_mode=True)
-            return generate(m, tok_holder["tok"], prompts, max_new, batch_size, seed)
+            return generate(m, loaded["tok"], prompts, max_new, batch_size, seed)
 
         return compute
 
@@ -569,9 +568,9 @@ def evaluate_run(
         label = f"{path.name} answers"
         best_preds = parts.get(gen_key(h), label, with_checkpoint(path, "best", answers(label, "best")))
         results["best"] = _scores(losses[h], best_preds, refs, kind, pattern, metric)
-    if "model" in tok_holder:
-        model_obj = tok_holder.pop("model")
-        _release(model_obj)
+    if loaded:
+        loaded.clear()  # the model's last reference: give its (GPU) memory back before the chat loads one
+        _free_memory()
 
     results.update(
         {
