@@ -678,11 +678,12 @@ def export_adapter_source(run) -> tuple[Path, str]:
     best = metrics.get("best_checkpoint")
     if not best:
         return final, "the final adapter (no checkpoint was measured)"
-    if (final / "adapter_config.json").exists() and metrics.get("tuned_adapter_hash") != adapter_hash(final):
+    final_hash = adapter_hash(final) if (final / "adapter_config.json").exists() else None
+    if final_hash and metrics.get("tuned_adapter_hash") != final_hash:
         return final, "the final adapter (eval/metrics.json is older than it: run 03_evaluate again to pick the best)"
     ckpt = run.checkpoints_dir / best
     if not (ckpt / "adapter_config.json").exists():
         return final, f"the final adapter (the best checkpoint, {best}, is no longer on disk)"
-    if (final / "adapter_config.json").exists() and adapter_hash(ckpt) == adapter_hash(final):
+    if final_hash and adapter_hash(ckpt) == final_hash:
         return final, f"the final adapter (it is {best}, the best checkpoint by validation loss)"
     return ckpt, f"{best}, the best checkpoint by validation loss (export.adapter: last would take the final adapter)"
