@@ -29,12 +29,6 @@ def _script_hook(exc_type, exc, tb, _previous=sys.excepthook):
     _previous(exc_type, exc, tb)
 
 
-def _exit_code_hook() -> None:
-    # sys.excepthook cannot change the exit status; atexit cannot either once the
-    # interpreter is unwinding. Re-raise as SystemExit from a wrapper instead: see install_handler.
-    pass
-
-
 def install_handler() -> None:
     """Show LabError as one line (no traceback) in scripts and notebooks; scripts exit with status 2."""
     try:
@@ -46,8 +40,11 @@ def install_handler() -> None:
     if ip is not None:
 
         def _custom(shell, etype, evalue, tb, tb_offset=None):
-            print(f"✗ {evalue}", file=sys.stderr)
-            return None
+            # An error output of one line: the cell still fails (Run all stops, nbval reports it),
+            # but the person sees the message and the fix instead of a traceback.
+            stb = [f"✗ {evalue}"]
+            shell._showtraceback(etype, evalue, stb)
+            return stb
 
         ip.set_custom_exc((LabError,), _custom)
         return

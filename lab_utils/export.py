@@ -775,15 +775,24 @@ def push_to_hub(
 
 
 def export_adapter(run: Any, adapter_dir: Path | None = None) -> Path:
-    """Copy the run's final adapter (with its tokenizer) to export/adapter atomically; return that folder."""
-    src = Path(adapter_dir or run.adapter_dir)
+    """Copy an adapter (with its tokenizer) to export/adapter atomically; return that folder.
+
+    Without adapter_dir: the best checkpoint by validation loss (eval/metrics.json), unless
+    `export.adapter: last` (or no evaluation) picks the final adapter. Training state is left out.
+    """
+    from .evaluation import TRAINING_STATE_FILES, export_adapter_source
+
+    if adapter_dir is None:
+        adapter_dir, why = export_adapter_source(run)
+        print(f"Exporting {why}")
+    src = Path(adapter_dir)
     if not (src / "adapter_config.json").is_file():
         raise LabError(f"no adapter in {run.display(src)} — run 02_train first")
-    need = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    need = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and p.name not in TRAINING_STATE_FILES)
     free_space_ok(run.dir, need)
     dest = run.export_dir / "adapter"
     with _atomic_dir(dest) as tmp:
-        shutil.copytree(src, tmp, dirs_exist_ok=True)
+        shutil.copytree(src, tmp, dirs_exist_ok=True, ignore=shutil.ignore_patterns(*TRAINING_STATE_FILES))
     print(f"Saved adapter → {run.display(dest)}")
     return dest
 

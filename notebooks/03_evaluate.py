@@ -20,12 +20,13 @@
 
 # %% [markdown]
 # # 03 · Evaluate: did it work?
-# Measures the base model and the tuned adapter on the same held-out rows: loss, perplexity and the
-# task's own metric, plus side-by-side answers. Saves everything to `eval/`.
+# Measures the base model and the tuned adapter on the same held-out rows (loss, perplexity and the
+# task's own metric), finds the best checkpoint, shows answers side by side, and lets you chat with
+# the tuned model. Everything is saved to `eval/`; a re-run after a disconnect reuses finished parts.
 #
 # [![Open In Colab](https://colab.research.google.com/assets/colab-badge.svg)](https://colab.research.google.com/github/qlora-lab/qlora-lab/blob/main/notebooks/03_evaluate.ipynb)
 #
-# Sections: [Setup](#Setup) · [Load](#Load) · [Evaluate](#Evaluate) · [Compare](#Compare)
+# Sections: [Setup](#Setup) · [Load](#Load) · [Evaluate](#Evaluate) · [Checkpoints](#Checkpoints) · [Answers](#Answers) · [Chat](#Chat)
 
 # %% [markdown]
 # ## Setup
@@ -51,33 +52,54 @@ import lab_utils as lab
 
 # %% [markdown]
 # ## Load
+# The run trained in 02_train. The task metric comes from the config's `eval.metric`: `auto` picks
+# the price error for the embedded Pricer; `exact_match`, `number` or `regex` (with
+# `eval.metric_pattern`) suit your own data.
 
 # %%
 RUN_NAME = "pricer-demo"  # @param {type:"string"} the run trained in 02_train
+EVAL_ROWS = 200  # @param {type:"integer"} validation rows scored (a fixed, seeded sample): more = steadier numbers, slower
+CHAT_MAX_NEW_TOKENS = 64  # @param {type:"integer"} longest chat reply in tokens
 
 run = lab.start(RUN_NAME)
+print(f"Task metric: eval.metric = {run.cfg['eval']['metric']!r}; answers up to {run.cfg['eval']['max_new_tokens']} tokens")
 
 # %% [markdown]
 # ## Evaluate
-# The base model is the same model with its adapter switched off, so both see exactly the same tokens.
+# The base model is the same 4-bit model with its adapter switched off, so both see exactly the same
+# tokens. Each kept checkpoint's adapter is loaded onto that same base to find the best one.
 
 # %%
-metrics = lab.evaluate_run(run)
+metrics = lab.evaluate_run(run, max_rows=EVAL_ROWS)
+
+# %%
+lab.show_table(lab.metrics_table(metrics), title=f"Validation, {metrics['rows']} rows: base vs tuned")
+print(lab.verdict(metrics))
+
+# %%
+lab.show_image(lab.plot_task_metric(run, metrics))
 
 # %% [markdown]
-# ## Compare
+# ## Checkpoints
+# Validation loss at every kept checkpoint, over the training loss. 04_export ships the best one
+# (starred) unless `export.adapter` is `"last"`.
 
 # %%
-keys = [k for k in metrics["base"] if isinstance(metrics["base"][k], (int, float))]
-lab.show_table(
-    [{"metric": k, "base": metrics["base"][k], "tuned": metrics["tuned"][k]} for k in keys],
-    title=f"Validation, {metrics['rows']} rows",
-)
+lab.show_table(metrics["checkpoints"], title=f"Best checkpoint: {metrics['best_checkpoint']}")
+lab.show_image(lab.plot_loss_curve(run, metrics))
+
+# %% [markdown]
+# ## Answers
+# The same prompts, answered greedily by the base model and the tuned adapter. All of them are in
+# `eval/generations.jsonl`.
 
 # %%
-import json
+lab.show_table(lab.generations_table(run), title="Same prompts, base vs tuned (greedy)")
 
-rows = [json.loads(line) for line in (run.eval_dir / "generations.jsonl").read_text().splitlines()]
-lab.show_table(rows[: run.cfg["eval"]["num_generations"]], headers=["prompt", "reference", "base", "tuned"],
-               title="Same prompts, base vs tuned (greedy)")
-print(f"Saved metrics → {run.display(run.eval_dir / 'metrics.json')}")
+# %% [markdown]
+# ## Chat
+# Talk to the tuned model: type, press Send, watch the reply stream in; Reset starts over. Your
+# messages go through the same chat template as the training rows.
+
+# %%
+chat = lab.chat_widget(run, max_new_tokens=CHAT_MAX_NEW_TOKENS)
