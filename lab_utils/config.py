@@ -59,8 +59,7 @@ DEFAULTS: dict[str, Any] = {
     },
     "checkpoint": {"save_every_minutes": 20.0, "min_free_gib": 0.5},
     "eval": {"num_generations": 8, "max_new_tokens": 16, "metric": "auto", "metric_pattern": None},
-<<<<<<< HEAD
-    "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True},
+    "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True, "adapter": "best"},
     # 05_sweep: short trials over `space` (dotted train.*/lora.* keys → values), each on a data subset.
     "sweep": {
         "method": "grid",  # grid: every combination; random: `trials` draws
@@ -72,9 +71,6 @@ DEFAULTS: dict[str, Any] = {
         "select_by": "eval_loss",  # or a task metric such as price_mae
         "seed": 42,
     },
-=======
-    "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True, "adapter": "best"},
->>>>>>> eval
 }
 
 # Keys a user sets outside the section table.
