@@ -93,6 +93,13 @@ def load_base_model(cfg: dict, *, four_bit: bool | None = None, dtype=None, attn
         model = AutoModelForCausalLM.from_pretrained(model_source(cfg), **kwargs)
     except Exception as e:
         raise _friendly_load_error("model", name, e) from None
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time
+    # it runs without gradients (an evaluation), and training then computes through that kernel:
+    # a run resumed in a new process (no evaluation yet) would drift from an uninterrupted one.
+    # Keep one numeric path for training and evaluation.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
