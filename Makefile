@@ -25,6 +25,7 @@ test: install
 
 bench: install
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/resume_overhead.py
 
 lint: install
 	$(BIN)/ruff check lab_utils tests bench notebooks/*.py
