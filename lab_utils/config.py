@@ -777,6 +777,8 @@ def check_with_libraries(cfg: dict) -> None:
                     kwargs.pop("save_total_limit", None)
                     kwargs.pop("report_to", None)
                     kwargs.setdefault("eval_steps", kwargs.get("save_steps"))
+                    kwargs.setdefault("bf16", False)  # precision is the hardware's choice, checked in run.start()
+                    kwargs.setdefault("fp16", False)
                     SFTConfig(
                         output_dir=tmp,
                         max_length=int(cfg["model"]["max_length"]),

@@ -2,9 +2,10 @@
 
 A `LabError` says what is wrong, what was found and the fix, in one line. `install_handler()`
 makes both a plain script run (`python notebooks/02_train.py`) and a notebook show that line
-instead of a traceback; scripts exit with status 2. A full disk gets the same treatment. Any
-other exception keeps its traceback (it is a bug report), followed by one "✗" line saying so:
-the last thing a user reads is never a bare traceback.
+instead of a traceback; scripts exit with status 2. A full disk gets the same treatment. In a
+script any other exception keeps its traceback (it is a bug report), followed by one "✗" line
+saying so: the last thing a user reads is never a bare traceback. (In a notebook other errors
+keep IPython's usual display: a cell may hold the user's own code.)
 """
 
 from __future__ import annotations
@@ -63,9 +64,9 @@ def install_handler() -> None:
 
         def _custom(shell, etype, evalue, tb, tb_offset=None):
             line = user_message(evalue)
-            if line is None:
+            if line is None:  # an OSError that is not a full disk: the usual traceback (cells hold users' own code)
                 shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
-                line = _unexpected(evalue)
+                return None
             print(f"✗ {line}", file=sys.stderr)
             return None
 
