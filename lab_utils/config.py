@@ -93,7 +93,12 @@ _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 PROFILE_NAMES = ("auto", *PROFILES)
 FORMATS = ("auto", *CHAT_FORMATS)
 GGUF_TYPES = (*CONVERTER_OUTTYPES, "q4_k_m")  # what export_gguf writes (q4_k_m through llama-quantize)
-METRICS = ("auto", "price", "exact_match", "regex")
+try:  # the metrics evaluation.py knows, when it names them
+    from .evaluation import METRICS as _EVAL_METRICS
+
+    METRICS = ("auto", *[m for m in _EVAL_METRICS if m != "auto"])
+except ImportError:
+    METRICS = ("auto", "price", "exact_match", "regex")
 
 # `train:` keys the lab sets itself from other settings; setting them here would clash.
 _RESERVED = {
@@ -427,7 +432,8 @@ def _check_layer(layer: dict, origin: str) -> dict:
                 value = {}
             if not isinstance(value, dict):
                 raise LabError(
-                    f"config section {key!r} in {origin} must be a mapping of keys (e.g. `{key}: {{…}}`), got {value!r}"
+                    f"config section {key!r} in {origin} must be a mapping of keys (write `{key}:` with its keys "
+                    f"indented below it), got {value!r}"
                 )
         out[key] = value
     return out

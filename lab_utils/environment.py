@@ -28,6 +28,7 @@ __all__ = [
     "require_hardware",
     "hub_reachable",
     "hub_offline",
+    "check_hub_repo",
 ]
 
 DRIVE_MOUNT = "/content/drive"
@@ -186,6 +187,44 @@ def hub_reachable(timeout: float = 5.0) -> bool:
         return True
     except Exception:
         return False
+
+
+def check_hub_repo(repo_id: str, *, key: str, repo_type: str = "model", revision: str | None = None) -> None:
+    """LabError naming key and the fix when the Hub cannot be reached or has no such repository (seconds, no retries).
+
+    Call it only for ids that are not cached locally; with HF_HUB_OFFLINE set it does nothing.
+    """
+    what = "model" if repo_type == "model" else "dataset"
+    if hub_offline():
+        return
+    if not hub_reachable():
+        raise LabError(
+            f"{key} {repo_id!r} is not on this machine and the Hugging Face Hub cannot be reached to fetch the "
+            f"{what} — check the internet connection (on Colab: Runtime → Restart session), or download it and "
+            "give its local path"
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    token = get_secret("HF_TOKEN") or None
+    try:
+        info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
+        info(repo_id, revision=revision, token=token, timeout=10)
+    except GatedRepoError:
+        raise LabError(
+            f"{key} {repo_id!r} is gated — accept its terms on its Hugging Face page, then add HF_TOKEN in Colab's "
+            "secrets (key icon) with notebook access on"
+        ) from None
+    except RevisionNotFoundError:
+        raise LabError(f"model.revision {revision!r} does not exist in {repo_id!r} — use a branch, tag or commit of it") from None
+    except RepositoryNotFoundError:
+        example = "unsloth/Llama-3.2-1B-Instruct" if repo_type == "model" else "org/name"
+        raise LabError(
+            f"{key} {repo_id!r} was not found as a {what} on the Hugging Face Hub — check the spelling (owner/name, "
+            f"e.g. {example}); a private {what} needs HF_TOKEN in Colab's secrets"
+        ) from None
+    except Exception:
+        return  # the Hub answered oddly: loading it reports that, with the library's own words
 
 
 def hub_offline() -> bool:

@@ -83,7 +83,7 @@ def check_model_source(
                 "save_pretrained (the one that holds config.json and the weights)"
             )
         return
-    from .environment import hub_offline, hub_reachable
+    from .environment import check_hub_repo, hub_offline
 
     try:
         from huggingface_hub import try_to_load_from_cache
@@ -98,39 +98,7 @@ def check_model_source(
             f"{key} {name!r} is not in this machine's Hugging Face cache and HF_HUB_OFFLINE is set — unset "
             "HF_HUB_OFFLINE to download it, or check the spelling"
         )
-    if not hub_reachable():
-        raise LabError(
-            f"{key} {name!r} is not cached here and the Hugging Face Hub cannot be reached — check the internet "
-            "connection (on Colab: Runtime → Restart session), or download the model and give its folder"
-        )
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import (
-        GatedRepoError,
-        HfHubHTTPError,
-        RepositoryNotFoundError,
-        RevisionNotFoundError,
-    )
-
-    from .environment import get_secret
-
-    try:
-        HfApi().model_info(name, revision=revision, token=get_secret("HF_TOKEN") or None, timeout=10)
-    except GatedRepoError:
-        raise LabError(
-            f"{key} {name!r} is gated — accept its licence on huggingface.co/{name}, then add HF_TOKEN in Colab's "
-            "secrets (key icon) with notebook access on"
-        ) from None
-    except RevisionNotFoundError:
-        raise LabError(f"model.revision {revision!r} does not exist in {name!r} — use a branch, tag or commit of it") from None
-    except RepositoryNotFoundError:
-        raise LabError(
-            f"{key} {name!r} was not found on the Hugging Face Hub — check the spelling (owner/name, e.g. "
-            "unsloth/Llama-3.2-1B-Instruct); a private model needs HF_TOKEN in Colab's secrets"
-        ) from None
-    except HfHubHTTPError:
-        return  # the Hub answered oddly: let from_pretrained report it
-    except Exception:
-        return
+    check_hub_repo(name, key=key, revision=revision)
 
 
 def _friendly_load_error(what: str, name: str, e: Exception) -> LabError:
@@ -269,7 +237,7 @@ def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
         return get_peft_model(model, lora_config(cfg))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
             linear = [n for n in names if n.endswith("proj")] or names[:12]
@@ -277,7 +245,8 @@ def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
                 f"lora.target_modules {cfg['lora'].get('target_modules')!r} not found in the model — "
                 f"use 'all-linear' or names such as {linear[:8]}"
             ) from None
-        raise
+        text = " ".join(str(e).split())[:200] or type(e).__name__
+        raise LabError(f"peft could not add the LoRA adapters ({text}) — change the lora: keys it names") from None
 
 
 def _load_unsloth(cfg: dict, gradient_checkpointing: bool):

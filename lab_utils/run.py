@@ -174,6 +174,9 @@ def _check_data_path(spec: str) -> None:
     if local:
         hint = " (is Google Drive mounted, and is the file under MyDrive?)" if spec.startswith("/content/drive") else ""
         raise LabError(f"data.path {spec!r} does not exist{hint} — check the path (a hub dataset id looks like 'org/name')")
+    from .environment import check_hub_repo
+
+    check_hub_repo(spec, key="data.path", repo_type="dataset")
 
 
 def _check_precision(cfg: dict) -> None:

@@ -143,7 +143,8 @@ CASES: list[Case] = [
     ),
     Case(
         "section-not-mapping", "Config", "a section given a value (`train: 5`)", "00_setup",
-        "config section 'train' in LAB_CONFIG ({dir}/lab.yml) must be a mapping of keys (e.g. `train: {…}`), got 5",
+        "config section 'train' in LAB_CONFIG ({dir}/lab.yml) must be a mapping of keys (write `train:` with its "
+        "keys indented below it), got 5",
         config="train: 5\n",
     ),
     Case(
@@ -374,6 +375,14 @@ CASES: list[Case] = [
         "data.path '{dir}/data' is a folder with no .csv/.json/.jsonl/.parquet/.tsv file in it — point it at one",
         config={"data": {"path": "{dir}/data"}}, files={"data/readme.md": "nothing here\n"},
     ),
+    Case(
+        "data-hub-unreachable", "Paths and storage", "a hub dataset id while the Hub cannot be reached", "00_setup",
+        "data.path 'someorg/some-dataset' is not on this machine and the Hugging Face Hub cannot be reached to fetch "
+        "the dataset — check the internet connection (on Colab: Runtime → Restart session), or download it and give "
+        "its local path",
+        config={"data": {"path": "someorg/some-dataset"}},
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""},
+    ),
     # ------------------------------------------------------------------ Data
     Case(
         "malformed-jsonl-line", "Data", "one malformed JSONL line among good rows", "01_data",
@@ -431,9 +440,11 @@ CASES: list[Case] = [
     ),
     Case(
         "model-hub-unreachable", "Model", "a hub model while the Hub cannot be reached", "00_setup",
-        "model.name 'someorg/no-such-model' is not cached here and the Hugging Face Hub cannot be reached — check "
-        "the internet connection (on Colab: Runtime → Restart session), or download the model and give its folder",
-        config={"model": {"name": "someorg/no-such-model"}}, env={"HF_ENDPOINT": "http://127.0.0.1:9"},
+        "model.name 'someorg/no-such-model' is not on this machine and the Hugging Face Hub cannot be reached to "
+        "fetch the model — check the internet connection (on Colab: Runtime → Restart session), or download it and "
+        "give its local path",
+        config={"model": {"name": "someorg/no-such-model"}},
+        env={"HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_OFFLINE": ""},  # a closed local port: refused at once
     ),
     Case(
         "model-folder-missing", "Model", "a model folder that does not exist", "00_setup",
@@ -568,6 +579,21 @@ CASES: list[Case] = [
         files={"runs/r/run.json": '{"format": 1, "qlora_lab": "0.1.0"}', "runs/r/checkpoints/checkpoint-2/x": "x"},
     ),
     Case(
+        "train-before-data", "Runs", "02_train run before 01_data", "02_train",
+        "no processed data in {dir}/runs/train-before-data/data — run 01_data first",
+        config={}, before=("start",),
+    ),
+    Case(
+        "evaluate-before-training", "Runs", "03_evaluate run first, before 01_data and 02_train", "03_evaluate",
+        "no {…} in {dir}/runs/evaluate-before-training/{…} — run 0{…}first",
+        config={}, before=("start",),
+    ),
+    Case(
+        "export-before-training", "Runs", "04_export run before 02_train", "04_export",
+        "no adapter in {dir}/runs/export-before-training/adapter — run 02_train{…}first",
+        config={}, before=("start",),
+    ),
+    Case(
         "data-edited-after-training", "Runs", "the data file edited in place after training", "01_data",
         "{…}'trained'{…}data{…}run_name{…}",
         config={}, files={"rows.jsonl": pricer_jsonl(30)}, trained=True,
@@ -657,7 +683,7 @@ def render_doc() -> str:
                 outcome += f"; *planned: {c.owner}*"
             shown = c.message.replace("{dir}", "<tmp>").replace("{…}", "…")
             prefix = "✗ " if c.exit else ""
-            lines.append(f"| {_cell(c.bad)} | {c.script} | {_cell(outcome)} | `{_cell(prefix + shown)}` |")
+            lines.append(f"| {_cell(c.bad)} | {c.script} | {_cell(outcome)} | `` {_cell(prefix + shown)} `` |")
         lines.append("")
     return "\n".join(lines)
 

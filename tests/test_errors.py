@@ -513,3 +513,24 @@ def test_start_refuses_before_writing_when_the_config_is_wrong(lab_root, monkeyp
     with pytest.raises(LabError, match="train.learning_rate must be a number"):
         start(quiet=True)
     assert not lab_root.exists()  # not even the runs folder
+
+
+def test_every_lab_key_refuses_a_value_of_the_wrong_kind():
+    from lab_utils.config import _OWN_TYPES
+
+    for dotted, (kinds, _) in _OWN_TYPES.items():
+        if "." not in dotted:
+            continue
+        section, key = dotted.split(".", 1)
+        wrong = {"k": "v"} if "dict" not in kinds else "text"
+        assert dotted in _refused(section, key, wrong), dotted
+
+
+def test_notebook_form_fields_get_the_same_checks_as_the_yaml(lab_root):
+    from lab_utils.config import resolve_config
+    from lab_utils.errors import LabError
+
+    with pytest.raises(LabError, match=r"^train.learning_rate must be a number, got 'fast'"):
+        resolve_config(form={"train.learning_rate": "fast"})
+    with pytest.raises(LabError, match=r"^unknown key lora.rank .*"):
+        resolve_config(form={"lora.rank": 8})
