@@ -83,13 +83,26 @@ DEFAULTS: dict[str, Any] = {
     },
     "checkpoint": {"save_every_minutes": 20.0, "min_free_gib": 0.5},
     "eval": {"num_generations": 8, "max_new_tokens": 16, "metric": "auto", "metric_pattern": None},
-    "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True},
+    "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True, "adapter": "best"},
+    # 05_sweep: short trials over `space` (dotted train.*/lora.* keys → values), each on a data subset.
+    "sweep": {
+        "method": "grid",  # grid: every combination; random: `trials` draws
+        "space": {"train.learning_rate": [2e-4, 1e-3], "lora.r": [8, 32]},
+        "trials": 4,  # random search: number of draws
+        "rows": 1000,  # training rows per trial (None: all)
+        "max_steps": 40,  # optimizer steps per trial
+        "val_rows": 64,  # validation rows for each trial's loss and task metric
+        "select_by": "eval_loss",  # or a task metric such as price_mae
+        "seed": 42,
+    },
 }
 
 # Keys a user sets outside the section table.
 _TOP_LEVEL = {"run_name", "profile"}
 _SECTIONS = [k for k in DEFAULTS if k not in _TOP_LEVEL]
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+# Mappings that a layer replaces whole instead of merging key by key.
+_REPLACED = {"role_map", "space"}
 PROFILE_NAMES = ("auto", *PROFILES)
 FORMATS = ("auto", *CHAT_FORMATS)
 GGUF_TYPES = (*CONVERTER_OUTTYPES, "q4_k_m")  # what export_gguf writes (q4_k_m through llama-quantize)
@@ -137,6 +150,10 @@ _RANGES: dict[str, tuple] = {
     "data.limit": (1, None, False, False, "1000"),
     "checkpoint.save_every_minutes": (0, None, True, False, "20"),
     "eval.max_new_tokens": (1, None, False, False, "16"),
+    "sweep.trials": (1, None, False, False, "4"),
+    "sweep.rows": (1, None, False, False, "1000"),
+    "sweep.max_steps": (1, None, False, False, "40"),
+    "sweep.val_rows": (1, None, False, False, "64"),
 }
 # Numbers where a negative sentinel means "off": the allowed sentinel and the range otherwise.
 _SENTINELS = {"train.max_steps": (-1, 1, "-1 (run all epochs) or a step count ≥ 1, e.g. 200", "200")}
@@ -173,6 +190,15 @@ _OWN_TYPES: dict[str, tuple[set[str], tuple | None]] = {
     "export.push_repo": ({"str", "null"}, None),
     "export.push": ({"list"}, EXPORT_PARTS),
     "export.private": ({"bool"}, None),
+    "export.adapter": ({"str"}, ("best", "last")),
+    "sweep.method": ({"str"}, ("grid", "random")),
+    "sweep.space": ({"dict"}, None),
+    "sweep.trials": ({"int"}, None),
+    "sweep.rows": ({"int", "null"}, None),
+    "sweep.max_steps": ({"int"}, None),
+    "sweep.val_rows": ({"int"}, None),
+    "sweep.select_by": ({"str"}, None),
+    "sweep.seed": ({"int"}, None),
 }
 
 # Key names that hold credentials (not `eos_token` or `max_new_tokens`, which name tokenizer tokens).
@@ -411,7 +437,7 @@ def _set_dotted(cfg: dict, dotted: str, value: Any) -> None:
 def _merge(base: dict, over: dict, where: str = "") -> dict:
     out = copy.deepcopy(base)
     for key, value in over.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict) and key != "role_map":
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and key not in _REPLACED:
             out[key] = _merge(out[key], value, f"{where}{key}.")
         else:
             out[key] = copy.deepcopy(value)
@@ -752,6 +778,8 @@ def validate(cfg: dict) -> dict:
     targets = cfg["lora"].get("target_modules", "all-linear")
     if targets is None or targets == [] or targets == "":
         raise LabError("lora.target_modules is empty — use all-linear, or names such as [q_proj, v_proj]")
+    if "sweep" in cfg:
+        _validate_sweep({**DEFAULTS["sweep"], **cfg["sweep"]})
     return cfg
 
 
@@ -797,6 +825,41 @@ def check_with_libraries(cfg: dict) -> None:
             text = " ".join(str(e).split()) or type(e).__name__
             text = text if len(text) <= 240 else text[:239] + "…"
             raise LabError(f"{lib} refuses the {section}: section ({text}) — change the {section}: keys it names") from None
+
+
+def _check_number(key: str, value: Any, example: str, *, lo=None) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LabError(f"{key} must be a number, got {value!r} — e.g. {example}")
+    if lo is not None and value < lo:
+        raise LabError(f"{key} must be ≥ {lo}, got {value!r} — e.g. {example}")
+
+
+def _validate_sweep(s: dict) -> None:
+    """Check the sweep: section (05_sweep); LabError naming the key and the fix otherwise."""
+    if s["method"] not in ("grid", "random"):
+        raise LabError(f"sweep.method must be 'grid' or 'random', got {s['method']!r}")
+    for key, lo in (("trials", 1), ("max_steps", 1), ("val_rows", 1), ("rows", 1)):
+        if key != "rows" or s[key] is not None:
+            _check_number(f"sweep.{key}", s[key], str(DEFAULTS["sweep"][key]), lo=lo)
+    space = s["space"]
+    if not isinstance(space, dict) or not space:
+        raise LabError(f"sweep.space must map keys to values to try, got {space!r} — e.g. {{train.learning_rate: [2e-4, 1e-3]}}")
+    for key, values in space.items():
+        section, _, field = str(key).partition(".")
+        if section not in ("train", "lora") or not field:
+            raise LabError(f"sweep.space key {key!r} is not a train.* or lora.* key — e.g. train.learning_rate or lora.r")
+        if field not in _library_fields(section):
+            raise LabError(f"sweep.space key {key!r} is not a {section} field{_nearest(field, _library_fields(section))}")
+        if key in ("train.max_steps", "train.num_train_epochs", "train.save_steps"):
+            raise LabError(f"sweep.space cannot vary {key}: the sweep sets it — use sweep.max_steps for the budget")
+        ranged = isinstance(values, dict) and s["method"] == "random"
+        if ranged and (set(values) - {"min", "max", "log"} or not {"min", "max"} <= set(values)):
+            raise LabError(f"sweep.space.{key} range must be {{min: …, max: …, log: true|false}}, got {values!r}")
+        if ranged:
+            _check_number(f"sweep.space.{key}.min", values["min"], "1e-4")
+            _check_number(f"sweep.space.{key}.max", values["max"], "1e-3", lo=values["min"])
+        elif not isinstance(values, list) or not values:
+            raise LabError(f"sweep.space.{key} must be a non-empty list of values to try, got {values!r} — e.g. [8, 32]")
 
 
 def resolve_config(form: dict | None = None, yaml_path: str | None = None, base: dict | None = None) -> dict:

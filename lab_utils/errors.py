@@ -67,8 +67,11 @@ def install_handler() -> None:
             if line is None:  # an OSError that is not a full disk: the usual traceback (cells hold users' own code)
                 shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
                 return None
-            print(f"✗ {line}", file=sys.stderr)
-            return None
+            # An error output of one line: the cell still fails (Run all stops, nbval reports it),
+            # but the person sees the message and the fix instead of a traceback.
+            stb = [f"✗ {line}"]
+            shell._showtraceback(etype, evalue, stb)
+            return stb
 
         ip.set_custom_exc((LabError, OSError), _custom)
         return

@@ -11,7 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .embedded import is_embedded, resolve_model
+from .embedded import EMBEDDED_MODEL, is_embedded, resolve_model, tokenizer_dir
 from .errors import LabError
 
 __all__ = [
@@ -65,7 +65,8 @@ def check_model_source(
     the Hub once (no retries), so a typo or a missing network shows before anything loads.
     """
     if is_embedded(name):
-        resolve_model(name)  # LabError for an unknown embedded name
+        if name != EMBEDDED_MODEL:
+            raise LabError(f"{key} {name!r} is not a built-in model — the embedded one is {EMBEDDED_MODEL!r}")
         return
     path = Path(name).expanduser()
     if path.exists() or _looks_local(name) or not _HUB_ID.match(name):
@@ -117,7 +118,8 @@ def load_tokenizer(cfg: dict):
     name = cfg["model"].get("tokenizer") or cfg["model"]["name"]
     need = ("config.json",) if key == "model.name" else ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
     check_model_source(name, key=key, revision=cfg["model"].get("revision"), need=need)
-    source = resolve_model(name)
+    # the embedded model's tokenizer ships as files: 01_data never needs to build the weights
+    source = str(tokenizer_dir()) if name == EMBEDDED_MODEL else resolve_model(name)
     try:
         tok = AutoTokenizer.from_pretrained(source, trust_remote_code=remote_code(cfg), revision=cfg["model"].get("revision"))
     except Exception as e:
@@ -216,6 +218,13 @@ def load_base_model(cfg: dict, *, four_bit: bool | None = None, dtype=None, attn
         model = AutoModelForCausalLM.from_pretrained(model_source(cfg), **kwargs)
     except Exception as e:
         raise _friendly_load_error("model", name, e) from None
+    # On CPUs with AVX512-BF16, bitsandbytes repacks a 4-bit weight for a bf16 kernel the first time
+    # it runs without gradients (an evaluation), and training then computes through that kernel:
+    # a run resumed in a new process (no evaluation yet) would drift from an uninterrupted one.
+    # Keep one numeric path for training and evaluation.
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 
@@ -232,7 +241,9 @@ def lora_config(cfg: dict):
 def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
     """Return the 4-bit model prepared for k-bit training with fresh LoRA adapters attached."""
     from peft import get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
+    set_seed(int(cfg["train"].get("seed", 42)))  # LoRA's random init, the same for the same seed in any process
     if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:

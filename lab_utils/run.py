@@ -51,6 +51,7 @@ HARMLESS = (
     "checkpoint.",
     "eval.",
     "export.",
+    "sweep.",
 )
 
 

@@ -122,7 +122,7 @@ CASES: list[Case] = [
     Case(
         "unknown-section", "Config", "a misspelt section (`traing:`)", "00_setup",
         "unknown config section 'traing' in LAB_CONFIG ({dir}/lab.yml) → did you mean 'train'? "
-        "(sections: model, data, lora, train, checkpoint, eval, export)",
+        "(sections: model, data, lora, train, checkpoint, eval, export, sweep)",
         config={"traing": {"max_steps": 4}},
     ),
     Case(
