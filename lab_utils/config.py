@@ -150,10 +150,6 @@ _RANGES: dict[str, tuple] = {
     "data.limit": (1, None, False, False, "1000"),
     "checkpoint.save_every_minutes": (0, None, True, False, "20"),
     "eval.max_new_tokens": (1, None, False, False, "16"),
-    "sweep.trials": (1, None, False, False, "4"),
-    "sweep.rows": (1, None, False, False, "1000"),
-    "sweep.max_steps": (1, None, False, False, "40"),
-    "sweep.val_rows": (1, None, False, False, "64"),
 }
 # Numbers where a negative sentinel means "off": the allowed sentinel and the range otherwise.
 _SENTINELS = {"train.max_steps": (-1, 1, "-1 (run all epochs) or a step count ≥ 1, e.g. 200", "200")}
@@ -191,7 +187,7 @@ _OWN_TYPES: dict[str, tuple[set[str], tuple | None]] = {
     "export.push": ({"list"}, EXPORT_PARTS),
     "export.private": ({"bool"}, None),
     "export.adapter": ({"str"}, ("best", "last")),
-    "sweep.method": ({"str"}, ("grid", "random")),
+    "sweep.method": ({"str"}, None),  # its choices and ranges: _validate_sweep
     "sweep.space": ({"dict"}, None),
     "sweep.trials": ({"int"}, None),
     "sweep.rows": ({"int", "null"}, None),
@@ -743,12 +739,12 @@ def validate(cfg: dict) -> dict:
         if not isinstance(cfg[key], dict):
             raise LabError(f"config section {key!r} must be a mapping, got {cfg[key]!r}")
     for section in _SECTIONS:
-        cfg.setdefault(section, {})
-        _check_section(cfg, section)
+        if section in cfg:  # a section left out is not added (a sweep trial's config has no sweep:)
+            _check_section(cfg, section)
 
     check_run_name(cfg.get("run_name"))
     check_profile(cfg.get("profile", "auto"))
-    m, d, e, x = cfg["model"], cfg["data"], cfg["eval"], cfg["export"]
+    m, d, e, x = (cfg.get(k, {}) for k in ("model", "data", "eval", "export"))
     for key, section, known in (("model.name", m, EMBEDDED_MODEL), ("data.path", d, EMBEDDED_DATA)):
         value = section.get("name" if key == "model.name" else "path")
         if not isinstance(value, str) or not value.strip():
@@ -775,7 +771,7 @@ def validate(cfg: dict) -> dict:
             )
     if x.get("push_repo") and not re.fullmatch(r"[\w.-]+/[\w.-]+", x["push_repo"]):
         raise LabError(f"export.push_repo must be 'owner/name', got {x['push_repo']!r} — e.g. your-name/pricer-lora")
-    targets = cfg["lora"].get("target_modules", "all-linear")
+    targets = cfg.get("lora", {}).get("target_modules", "all-linear")
     if targets is None or targets == [] or targets == "":
         raise LabError("lora.target_modules is empty — use all-linear, or names such as [q_proj, v_proj]")
     if "sweep" in cfg:
@@ -827,11 +823,17 @@ def check_with_libraries(cfg: dict) -> None:
             raise LabError(f"{lib} refuses the {section}: section ({text}) — change the {section}: keys it names") from None
 
 
-def _check_number(key: str, value: Any, example: str, *, lo=None) -> None:
+def _check_number(key: str, value: Any, example: str, *, lo=None, hi=None, lo_open=False, hi_open=False):
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise LabError(f"{key} must be a number, got {value!r} — e.g. {example}")
-    if lo is not None and value < lo:
-        raise LabError(f"{key} must be ≥ {lo}, got {value!r} — e.g. {example}")
+    bad = (
+        (lo is not None and (value <= lo if lo_open else value < lo))
+        or (hi is not None and (value >= hi if hi_open else value > hi))
+    )
+    if bad:
+        lo_s = "" if lo is None else ("(" if lo_open else "[") + str(lo)
+        hi_s = "" if hi is None else str(hi) + (")" if hi_open else "]")
+        raise LabError(f"{key} must be in {lo_s}, {hi_s}, got {value!r} — e.g. {example}")
 
 
 def _validate_sweep(s: dict) -> None:

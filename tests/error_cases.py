@@ -386,50 +386,54 @@ CASES: list[Case] = [
     # ------------------------------------------------------------------ Data
     Case(
         "malformed-jsonl-line", "Data", "one malformed JSONL line among good rows", "01_data",
-        "{…}line 3{…}", exit=0,
+        "⚠ 1 line(s) are not valid JSON objects (first: rows.jsonl line 3: {…}); they are dropped as "
+        "'malformed_json' and listed in the report", exit=0,
         config={"data": {"path": "{dir}/rows.jsonl"}}, files={"rows.jsonl": pricer_jsonl(bad_lines={3: "{oops"})},
-        before=("start",), owner="data.py (the wt-data branch drops the line as malformed_json, with its number)",
+        before=("start",),
     ),
     Case(
         "broken-json-array", "Data", "a JSON array file broken at one line", "01_data",
-        "{…}line 5{…}",
+        "data file '{dir}/rows.json' is not valid JSON ({…} at line 5) — fix the file, or write one JSON object "
+        "per line (JSONL) so a bad line costs only that row",
         config={"data": {"path": "{dir}/rows.json"}}, files={"rows.json": BROKEN_ARRAY}, before=("start",),
-        owner="data.py (name the line where a JSON array file breaks)",
     ),
     Case(
         "wrong-columns", "Data", "a CSV whose columns match no known format", "01_data",
-        "{…}columns ['a', 'b']{…}data.format{…}",
+        "Cannot detect the data format: got columns ['a', 'b']; fix: set data.format to one of {…} or rename the "
+        "columns.",
         config={"data": {"path": "{dir}/rows.csv"}}, files={"rows.csv": CSV_OTHER_COLUMNS}, before=("start",),
     ),
     Case(
         "format-mismatch", "Data", "data.format that does not match the rows", "01_data",
-        "{…}data.format{…}",
+        "data.format is 'alpaca' but the data has no column 'instruction' (columns: ['conversations']) — set "
+        "data.format: auto, or rename the columns",
         config={"data": {"path": "{dir}/rows.jsonl", "format": "alpaca"}}, files={"rows.jsonl": pricer_jsonl()},
         before=("start",),
     ),
     Case(
         "all-rows-invalid", "Data", "no row has an assistant answer", "01_data",
-        "{…}20{…}no_assistant_turn{…} — {…}",
+        "no usable rows left in '{dir}/rows.jsonl': all 20 dropped (no_assistant_turn (20)) — check data.format "
+        "and data.role_map (which role is the assistant?){…}",
         config={"data": {"path": "{dir}/rows.jsonl"}}, files={"rows.jsonl": NO_ANSWERS}, before=("start",),
     ),
     Case(
         "some-rows-invalid", "Data", "a few rows with an unknown role (dropped, reported)", "01_data",
-        "{…}unknown_role{…}", exit=0,
+        "Kept 38 of 40 rows; dropped 2 (unknown_role 2)", exit=0,
         config={"data": {"path": "{dir}/rows.jsonl"}},
         files={"rows.jsonl": pricer_jsonl(roles={2: "narrator", 5: "narrator"})}, before=("start",),
     ),
     Case(
         "some-rows-too-long", "Data", "a few prompts longer than model.max_length (dropped, reported)", "01_data",
-        "{…}too_long{…}", exit=0,
+        "Kept 38 of 40 rows; dropped 2 (too_long 2)", exit=0,
         config={"data": {"path": "{dir}/rows.jsonl"}}, files={"rows.jsonl": pricer_jsonl(long_rows=(4, 9))},
         before=("start",),
     ),
     Case(
         "all-rows-too-long", "Data", "every prompt longer than model.max_length", "01_data",
-        "{…}too_long{…}model.max_length{…}",
+        "no usable rows left in '{dir}/rows.jsonl': all 20 dropped (too_long (20)) — raise model.max_length or set "
+        "data.on_too_long: truncate{…}",
         config={"data": {"path": "{dir}/rows.jsonl"}},
         files={"rows.jsonl": pricer_jsonl(20, long_rows=tuple(range(1, 21)))}, before=("start",),
-        owner="data.py (when rows are dropped as too_long, the fix is model.max_length or data.on_too_long)",
     ),
     # ------------------------------------------------------------------ Model
     Case(
@@ -584,8 +588,8 @@ CASES: list[Case] = [
         config={}, before=("start",),
     ),
     Case(
-        "evaluate-before-training", "Runs", "03_evaluate run first, before 01_data and 02_train", "03_evaluate",
-        "no {…} in {dir}/runs/evaluate-before-training/{…} — run 0{…}first",
+        "evaluate-before-training", "Runs", "03_evaluate run before 02_train", "03_evaluate",
+        "no adapter in {dir}/runs/evaluate-before-training/adapter — run 02_train to the end first",
         config={}, before=("start",),
     ),
     Case(

@@ -209,14 +209,18 @@ def outcomes(request, tmp_path_factory) -> dict:
         getattr(it, "originalname", it.name) in _NEEDS_TRAINED for it in request.session.items)
     results: dict = {}
 
+    # folders made here, before any thread starts: tmp_path_factory is not thread-safe
+    folders = {c.id: tmp_path_factory.mktemp(c.id) for c in wanted if not c.trained}
+    trained_folder = tmp_path_factory.mktemp("trained") if need_trained else None
+
     def independent(case: Case) -> None:
         try:
-            results[case.id] = _run_case(case, tmp_path_factory.mktemp(case.id))
+            results[case.id] = _run_case(case, folders[case.id])
         except BaseException as e:  # noqa: BLE001 — reported by the case's own test
             results[case.id] = Outcome(Path(), error=e)
 
     def trained_chain() -> None:
-        folder = tmp_path_factory.mktemp("trained")
+        folder = trained_folder
         t0 = time.monotonic()
         try:
             results["__trained__"] = (folder, _train(folder))
