@@ -21,6 +21,8 @@ import random
 import shutil
 from pathlib import Path
 
+from .errors import LabError
+
 __all__ = [
     "EMBEDDED_MODEL",
     "EMBEDDED_DATA",
@@ -141,7 +143,7 @@ def resolve_data(path: str) -> str:
     if not is_embedded(path):
         return path
     if path != EMBEDDED_DATA:
-        raise ValueError(f"data.path: unknown embedded dataset {path!r} — use {EMBEDDED_DATA!r}")
+        raise LabError(f"data.path {path!r} is not a built-in dataset — the embedded one is {EMBEDDED_DATA!r}")
     out = cache_root() / f"pricer-{DATA_SEED}-{DATA_ROWS}.jsonl"
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -164,7 +166,7 @@ def resolve_model(name: str) -> str:
     if not is_embedded(name):
         return name
     if name != EMBEDDED_MODEL:
-        raise ValueError(f"model.name: unknown embedded model {name!r} — use {EMBEDDED_MODEL!r}")
+        raise LabError(f"model.name {name!r} is not a built-in model — the embedded one is {EMBEDDED_MODEL!r}")
     out = cache_root() / f"tiny-llama-{_model_fingerprint()}"
     if not (out / "config.json").exists():
         _build_tiny_llama(out)

@@ -23,6 +23,12 @@ __all__ = [
     "environment_report",
     "free_gib",
     "on_drive",
+    "on_drive_path",
+    "check_free_space",
+    "require_hardware",
+    "hub_reachable",
+    "hub_offline",
+    "check_hub_repo",
 ]
 
 DRIVE_MOUNT = "/content/drive"
@@ -39,32 +45,81 @@ def in_colab() -> bool:
         return False
 
 
+def on_drive_path(path: str | os.PathLike) -> bool:
+    """Return True when path (existing or not) lies under Colab's Drive mount point."""
+    p = os.path.abspath(os.path.expanduser(str(path)))
+    return p == DRIVE_MOUNT or p.startswith(DRIVE_MOUNT + os.sep)
+
+
 def mount_drive() -> bool:
     """Mount Google Drive on Colab and return True; return False elsewhere. LabError if mounting fails."""
     if not in_colab():
         return False
-    if os.path.isdir(os.path.join(DRIVE_MOUNT, "MyDrive")):
+    my_drive = os.path.join(DRIVE_MOUNT, "MyDrive")
+    if os.path.isdir(my_drive):
         return True
     from google.colab import drive  # type: ignore[import-not-found]
 
     try:
         drive.mount(DRIVE_MOUNT)
     except Exception as e:  # the mount dialog was dismissed, timed out, or Drive is unavailable
+        reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise LabError(
-            f"Google Drive did not mount ({str(e).splitlines()[0] if str(e) else type(e).__name__}) — "
-            "run this cell again and allow access, or set LAB_ROOT to a folder to keep runs elsewhere "
-            "(the Colab disk is wiped at every disconnect)"
+            f"Google Drive did not mount ({reason}) — run this cell again and allow access; or, to keep runs on "
+            "this Colab disk, which is wiped at every disconnect, set LAB_ROOT (e.g. /content/runs)"
         ) from None
+    if not os.path.isdir(my_drive):
+        raise LabError(
+            f"Google Drive reported mounted, but {my_drive} is missing — run this cell again (Runtime → "
+            "Disconnect and delete runtime if it persists); or set LAB_ROOT to keep runs on this Colab disk, "
+            "which is wiped at every disconnect"
+        )
     return True
 
 
+def _ensure_writable(root: Path, origin: str) -> None:
+    """LabError naming the folder and the fix when root cannot be created or written."""
+    fix = "set LAB_ROOT to a folder you can write to" if origin != "LAB_ROOT" else "point LAB_ROOT at a folder you can write to"
+    if root.exists() and not root.is_dir():
+        raise LabError(f"the runs folder {str(root)!r} is a file, not a folder — {fix}")
+    blocker = next((p for p in [root, *root.parents] if p.exists()), None)
+    if blocker is not None and blocker != root and not blocker.is_dir():
+        raise LabError(f"cannot create the runs folder {str(root)!r}: {str(blocker)!r} is a file, not a folder — {fix}")
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LabError(f"cannot create the runs folder {str(root)!r} ({e.strerror or e}) — {fix}") from None
+    probe = root / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise LabError(f"cannot write to the runs folder {str(root)!r} ({e.strerror or e}) — {fix}") from None
+
+
 def lab_root(mounted: bool | None = None) -> tuple[Path, str]:
-    """Return (folder that holds runs, one line saying where that is and why)."""
+    """Return (folder that holds runs, one line saying where that is and why).
+
+    On Colab the runs go to Drive, mounted here; a run lands on the VM's own disk (wiped at every
+    disconnect) only when LAB_ROOT says so, and then the line says so too.
+    """
     env = os.environ.get("LAB_ROOT")
+    colab = in_colab()
     if env:
         root = Path(env).expanduser()
-        why = f"Runs folder: {root} (from LAB_ROOT)"
-    elif in_colab():
+        origin = "LAB_ROOT"
+        if colab and on_drive_path(root):
+            if mounted is None or not mounted:
+                mount_drive()
+            why = f"Runs folder: {root} (from LAB_ROOT, on Google Drive: survives disconnects)"
+        elif colab:
+            why = (
+                f"Runs folder: {root} (from LAB_ROOT) — ⚠ not on Google Drive: this Colab disk is wiped at every "
+                "disconnect, so copy the results away before closing"
+            )
+        else:
+            why = f"Runs folder: {root} (from LAB_ROOT)"
+    elif colab:
         if mounted is None:
             mounted = mount_drive()
         if not mounted:
@@ -73,20 +128,108 @@ def lab_root(mounted: bool | None = None) -> tuple[Path, str]:
                 "run the setup cell again and allow Drive access, or set LAB_ROOT explicitly"
             )
         root = Path(DRIVE_ROOT)
+        origin = "Drive"
         why = f"Runs folder: {root} (Google Drive: survives disconnects)"
     else:
         root = Path("runs").resolve()
+        origin = "default"
         why = f"Runs folder: {root} (not on Colab: a local folder; set LAB_ROOT to change it)"
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        probe = root / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise LabError(
-            f"cannot write to the runs folder {str(root)!r} ({e.strerror or e}) — set LAB_ROOT to a writable folder"
-        ) from None
+    _ensure_writable(root, origin)
     return root, why
+
+
+def check_free_space(path: Path, need_gib: float, what: str = "checkpoint.min_free_gib") -> float:
+    """Return the free GiB at path; LabError when fewer than need_gib are free (checked before saving)."""
+    free = free_gib(path)
+    if free < need_gib:
+        where = "Google Drive" if on_drive(path) else str(path)
+        raise LabError(
+            f"only {free:.2f} GiB free on {where} ({what}: {need_gib:g}) — free space (delete old runs or exports, "
+            f"then empty Drive's trash) or lower {what}; nothing was written"
+        )
+    return free
+
+
+def require_hardware(profile: str, origin: str = "profile") -> None:
+    """LabError when a GPU profile (colab-t4, colab-l4, colab-a100) is asked for on a machine without that GPU."""
+    from .defaults import PROFILES, hardware_from_name
+
+    spec = PROFILES.get(profile)
+    if spec is None or spec["hardware"] == "cpu":
+        return
+    import torch
+
+    wanted = hardware_from_name(spec["hardware"])
+    if not torch.cuda.is_available():
+        raise LabError(
+            f"{origin} {profile} needs a CUDA GPU ({spec['hardware']}), and this machine has none — on Colab pick "
+            "Runtime → Change runtime type → T4 GPU; elsewhere set LAB_PROFILE=auto (or cpu-smoke)"
+        )
+    props = torch.cuda.get_device_properties(0)
+    memory = props.total_memory / 2**30
+    if memory < 0.95 * wanted.memory_gib:
+        raise LabError(
+            f"{origin} {profile} is sized for a {spec['hardware']} ({wanted.memory_gib:.0f} GiB), this GPU is a "
+            f"{props.name} with {memory:.1f} GiB — set LAB_PROFILE=auto to size the batch for this GPU"
+        )
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """Return True if the Hugging Face Hub ($HF_ENDPOINT) answers at all (any HTTP status)."""
+    import urllib.error
+    import urllib.request
+
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
+    try:
+        urllib.request.urlopen(urllib.request.Request(endpoint + "/api/whoami-v2", method="HEAD"), timeout=timeout)
+        return True
+    except urllib.error.HTTPError:
+        return True
+    except Exception:
+        return False
+
+
+def check_hub_repo(repo_id: str, *, key: str, repo_type: str = "model", revision: str | None = None) -> None:
+    """LabError naming key and the fix when the Hub cannot be reached or has no such repository (seconds, no retries).
+
+    Call it only for ids that are not cached locally; with HF_HUB_OFFLINE set it does nothing.
+    """
+    what = "model" if repo_type == "model" else "dataset"
+    if hub_offline():
+        return
+    if not hub_reachable():
+        raise LabError(
+            f"{key} {repo_id!r} is not on this machine and the Hugging Face Hub cannot be reached to fetch the "
+            f"{what} — check the internet connection (on Colab: Runtime → Restart session), or download it and "
+            "give its local path"
+        )
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+    token = get_secret("HF_TOKEN") or None
+    try:
+        info = HfApi().model_info if repo_type == "model" else HfApi().dataset_info
+        info(repo_id, revision=revision, token=token, timeout=10)
+    except GatedRepoError:
+        raise LabError(
+            f"{key} {repo_id!r} is gated — accept its terms on its Hugging Face page, then add HF_TOKEN in Colab's "
+            "secrets (key icon) with notebook access on"
+        ) from None
+    except RevisionNotFoundError:
+        raise LabError(f"model.revision {revision!r} does not exist in {repo_id!r} — use a branch, tag or commit of it") from None
+    except RepositoryNotFoundError:
+        example = "unsloth/Llama-3.2-1B-Instruct" if repo_type == "model" else "org/name"
+        raise LabError(
+            f"{key} {repo_id!r} was not found as a {what} on the Hugging Face Hub — check the spelling (owner/name, "
+            f"e.g. {example}); a private {what} needs HF_TOKEN in Colab's secrets"
+        ) from None
+    except Exception:
+        return  # the Hub answered oddly: loading it reports that, with the library's own words
+
+
+def hub_offline() -> bool:
+    """Return True when HF_HUB_OFFLINE asks the Hugging Face libraries not to use the network."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def on_drive(path: Path) -> bool:

@@ -2,14 +2,21 @@
 
 A `LabError` says what is wrong, what was found and the fix, in one line. `install_handler()`
 makes both a plain script run (`python notebooks/02_train.py`) and a notebook show that line
-instead of a traceback; scripts exit with status 2.
+instead of a traceback; scripts exit with status 2. A full disk gets the same treatment. In a
+script any other exception keeps its traceback (it is a bug report), followed by one "✗" line
+saying so: the last thing a user reads is never a bare traceback. (In a notebook other errors
+keep IPython's usual display: a cell may hold the user's own code.)
 """
 
 from __future__ import annotations
 
+import errno
 import sys
 
-__all__ = ["LabError", "install_handler"]
+__all__ = ["LabError", "install_handler", "user_message"]
+
+# OSError numbers that mean "the disk (or the Drive quota) is full", not a bug.
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 class LabError(Exception):
@@ -18,46 +25,77 @@ class LabError(Exception):
     exit_code = 2
 
 
-def _script_hook(exc_type, exc, tb, _previous=sys.excepthook):
-    if issubclass(exc_type, LabError):
-        print(f"✗ {exc}", file=sys.stderr)
-        sys.stderr.flush()
-        return
-    if issubclass(exc_type, KeyboardInterrupt):
-        print("✗ Stopped by the user.", file=sys.stderr)
-        return
-    _previous(exc_type, exc, tb)
+def _is_disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in _FULL
+
+
+def user_message(exc: BaseException) -> str | None:
+    """Return the one line a user should see for exc (LabError, disk full), or None for a bug."""
+    if isinstance(exc, LabError):
+        return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    if _is_disk_full(exc):
+        where = f" while writing {exc.filename}" if getattr(exc, "filename", None) else ""
+        return (
+            f"the disk is full{where} — free space (on Drive: delete old runs or exports, then empty Drive's "
+            "trash) and run this notebook again; files saved before this point are intact"
+        )
+    return None
+
+
+def _unexpected(exc: BaseException) -> str:
+    first = str(exc).splitlines()[0][:200] if str(exc) else ""
+    return (
+        f"unexpected error {type(exc).__name__}{': ' + first if first else ''} — the traceback above shows "
+        "where; files saved before this point are intact; please report it with that traceback"
+    )
 
 
 def install_handler() -> None:
     """Show LabError as one line (no traceback) in scripts and notebooks; scripts exit with status 2."""
-    try:
-        from IPython import get_ipython
+    ip = None
+    if "IPython" in sys.modules:  # a notebook kernel has imported it already; a plain script has not
+        try:
+            from IPython import get_ipython
 
-        ip = get_ipython()
-    except ImportError:
-        ip = None
+            ip = get_ipython()
+        except ImportError:
+            ip = None
     if ip is not None:
 
         def _custom(shell, etype, evalue, tb, tb_offset=None):
+            line = user_message(evalue)
+            if line is None:  # an OSError that is not a full disk: the usual traceback (cells hold users' own code)
+                shell.showtraceback((etype, evalue, tb), tb_offset=tb_offset)
+                return None
             # An error output of one line: the cell still fails (Run all stops, nbval reports it),
             # but the person sees the message and the fix instead of a traceback.
-            stb = [f"✗ {evalue}"]
+            stb = [f"✗ {line}"]
             shell._showtraceback(etype, evalue, stb)
             return stb
 
-        ip.set_custom_exc((LabError,), _custom)
+        ip.set_custom_exc((LabError, OSError), _custom)
         return
     if getattr(sys, "_lab_hook_installed", False):
         return
     sys._lab_hook_installed = True  # type: ignore[attr-defined]
+    previous = sys.excepthook
 
     def hook(exc_type, exc, tb):
-        _script_hook(exc_type, exc, tb)
-        if issubclass(exc_type, (LabError, KeyboardInterrupt)):
-            sys.stdout.flush()
-            import os
+        import os
 
-            os._exit(LabError.exit_code if issubclass(exc_type, LabError) else 130)
+        sys.stdout.flush()
+        if issubclass(exc_type, KeyboardInterrupt):
+            print("✗ Stopped by the user.", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(130)
+        line = user_message(exc)
+        if line is not None:
+            print(f"✗ {line}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(LabError.exit_code)
+        previous(exc_type, exc, tb)
+        print(f"✗ {_unexpected(exc)}", file=sys.stderr)
+        sys.stderr.flush()
+        os._exit(1)
 
     sys.excepthook = hook

@@ -6,12 +6,25 @@ the same format, so a run started on one path resumes on the other.
 
 from __future__ import annotations
 
+import difflib
+import re
+from pathlib import Path
 from typing import Any
 
-from .embedded import EMBEDDED_MODEL, resolve_model, tokenizer_dir
+from .embedded import EMBEDDED_MODEL, is_embedded, resolve_model, tokenizer_dir
 from .errors import LabError
 
-__all__ = ["load_tokenizer", "load_base_model", "add_lora", "load_for_training", "compute_dtype", "model_source"]
+__all__ = [
+    "load_tokenizer",
+    "load_base_model",
+    "add_lora",
+    "load_for_training",
+    "compute_dtype",
+    "model_source",
+    "check_model_source",
+    "check_target_modules",
+    "remote_code",
+]
 
 # What "all-linear" means for a Llama-style decoder: every projection, never the LM head.
 LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -22,8 +35,75 @@ def model_source(cfg: dict) -> str:
     return resolve_model(cfg["model"]["name"])
 
 
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+_warned_remote_code: set[str] = set()
+
+
+def remote_code(cfg: dict) -> bool:
+    """Return model.trust_remote_code (off unless the config says true); say once per model when it is on."""
+    on = cfg["model"].get("trust_remote_code") is True
+    name = cfg["model"]["name"]
+    if on and name not in _warned_remote_code:
+        _warned_remote_code.add(name)
+        print(
+            f"⚠ model.trust_remote_code is true: loading {name!r} runs Python code from its repository on this "
+            "machine — keep it only for repositories you trust"
+        )
+    return on
+
+
+def _looks_local(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_model_source(
+    name: str, *, key: str = "model.name", revision: str | None = None, need: tuple[str, ...] = ("config.json",)
+) -> None:
+    """LabError naming the key and the fix when `name` is neither a usable folder nor a reachable hub id.
+
+    Seconds at most: a folder is looked at, a hub id is looked up in the local cache and then asked of
+    the Hub once (no retries), so a typo or a missing network shows before anything loads.
+    """
+    if is_embedded(name):
+        if name != EMBEDDED_MODEL:
+            raise LabError(f"{key} {name!r} is not a built-in model — the embedded one is {EMBEDDED_MODEL!r}")
+        return
+    path = Path(name).expanduser()
+    if path.exists() or _looks_local(name) or not _HUB_ID.match(name):
+        if not path.exists():
+            hint = " (is Google Drive mounted?)" if name.startswith("/content/drive") else ""
+            raise LabError(
+                f"{key} {name!r} is not a folder on this machine{hint} and not a hub id (owner/name) — "
+                "check the path, or use a hub id such as unsloth/Llama-3.2-1B-Instruct"
+            )
+        if not path.is_dir():
+            raise LabError(f"{key} {name!r} is a file — point it at the folder that holds {need[0]}")
+        if not any((path / f).is_file() for f in need):
+            raise LabError(
+                f"{key} folder {name!r} has no {' or '.join(need)} — point it at a folder written by "
+                "save_pretrained (the one that holds config.json and the weights)"
+            )
+        return
+    from .environment import check_hub_repo, hub_offline
+
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, need[0], revision=revision)
+    except Exception:
+        cached = None
+    if isinstance(cached, str):
+        return
+    if hub_offline():
+        raise LabError(
+            f"{key} {name!r} is not in this machine's Hugging Face cache and HF_HUB_OFFLINE is set — unset "
+            "HF_HUB_OFFLINE to download it, or check the spelling"
+        )
+    check_hub_repo(name, key=key, revision=revision)
+
+
 def _friendly_load_error(what: str, name: str, e: Exception) -> LabError:
-    text = str(e).splitlines()[0] if str(e) else type(e).__name__
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     return LabError(
         f"{what} {name!r} could not be loaded ({text[:160]}) — check the spelling of the hub id or the folder, "
         "your connection, and HF_TOKEN for gated models"
@@ -31,27 +111,71 @@ def _friendly_load_error(what: str, name: str, e: Exception) -> LabError:
 
 
 def load_tokenizer(cfg: dict):
-    """Return the run's tokenizer (model.tokenizer or model.name), with a pad token set."""
+    """Return the run's tokenizer (model.tokenizer or model.name), with a pad token and a chat template set."""
     from transformers import AutoTokenizer
 
+    key = "model.tokenizer" if cfg["model"].get("tokenizer") else "model.name"
     name = cfg["model"].get("tokenizer") or cfg["model"]["name"]
+    need = ("config.json",) if key == "model.name" else ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+    check_model_source(name, key=key, revision=cfg["model"].get("revision"), need=need)
     # the embedded model's tokenizer ships as files: 01_data never needs to build the weights
     source = str(tokenizer_dir()) if name == EMBEDDED_MODEL else resolve_model(name)
     try:
-        tok = AutoTokenizer.from_pretrained(
-            source,
-            trust_remote_code=bool(cfg["model"].get("trust_remote_code")),
-            revision=cfg["model"].get("revision"),
-        )
+        tok = AutoTokenizer.from_pretrained(source, trust_remote_code=remote_code(cfg), revision=cfg["model"].get("revision"))
     except Exception as e:
         raise _friendly_load_error("tokenizer", name, e) from None
     if tok.pad_token is None:
         tok.pad_token = tok.unk_token or tok.eos_token
     from .chat import ensure_chat_template
 
-    if ensure_chat_template(tok):
-        print(f"The tokenizer of {name!r} has no chat template: using the lab's default ChatML template.")
+    try:
+        added = ensure_chat_template(tok)
+    except ValueError:
+        raise LabError(
+            f"the tokenizer of {name!r} has neither a chat template nor an end-of-sequence token — set "
+            "model.tokenizer to the instruct/chat version of this model"
+        ) from None
+    if added:
+        print(
+            f"The tokenizer of {name!r} has no chat template: using the lab's default ChatML template "
+            "(set model.tokenizer to a chat model's tokenizer to use its own)."
+        )
     return tok
+
+
+def check_target_modules(cfg: dict) -> None:
+    """LabError when lora.target_modules names layers the model does not have (built on the meta device: no weights)."""
+    targets = cfg["lora"].get("target_modules", "all-linear")
+    if targets == "all-linear":
+        return
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        remote = cfg["model"].get("trust_remote_code") is True
+        mc = AutoConfig.from_pretrained(model_source(cfg), trust_remote_code=remote, revision=cfg["model"].get("revision"))
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(mc, trust_remote_code=remote)
+    except Exception:
+        return  # the model itself cannot be read here: loading it reports that, with its own message
+    names = [n for n, _ in model.named_modules() if n]
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)} - {"lm_head"})
+    shown = f"its linear layers are {', '.join(linear)}" if linear else "see model.named_modules()"
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise LabError(
+                f"lora.target_modules pattern {targets} (matched against full layer names) matches no layer of "
+                f"{cfg['model']['name']!r} — use all-linear, or a list of names; {shown}"
+            )
+        return
+    for target in targets:
+        if not any(n == target or n.endswith("." + target) for n in names):
+            close = difflib.get_close_matches(target, linear, n=1, cutoff=0.6)
+            hint = f" → did you mean {close[0]!r}?" if close else ""
+            raise LabError(
+                f"lora.target_modules has {target!r}, which is no layer of {cfg['model']['name']!r}{hint} — "
+                f"use all-linear, or names from: {', '.join(linear)}"
+            )
 
 
 def compute_dtype(device: str | None = None):
@@ -73,8 +197,9 @@ def load_base_model(cfg: dict, *, four_bit: bool | None = None, dtype=None, attn
     name = cfg["model"]["name"]
     four_bit = cfg["model"].get("load_in_4bit", True) if four_bit is None else four_bit
     cdtype = dtype or compute_dtype()
+    check_model_source(name, revision=cfg["model"].get("revision"))
     kwargs: dict[str, Any] = {
-        "trust_remote_code": bool(cfg["model"].get("trust_remote_code")),
+        "trust_remote_code": remote_code(cfg),
         "revision": cfg["model"].get("revision"),
         "dtype": cdtype,
     }
@@ -123,7 +248,7 @@ def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
         return get_peft_model(model, lora_config(cfg))
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         if "not found in the base model" in str(e) or "Target modules" in str(e):
             names = sorted({n.split(".")[-1] for n, _ in model.named_modules() if n})
             linear = [n for n in names if n.endswith("proj")] or names[:12]
@@ -131,7 +256,8 @@ def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
                 f"lora.target_modules {cfg['lora'].get('target_modules')!r} not found in the model — "
                 f"use 'all-linear' or names such as {linear[:8]}"
             ) from None
-        raise
+        text = " ".join(str(e).split())[:200] or type(e).__name__
+        raise LabError(f"peft could not add the LoRA adapters ({text}) — change the lora: keys it names") from None
 
 
 def _load_unsloth(cfg: dict, gradient_checkpointing: bool):
@@ -142,7 +268,7 @@ def _load_unsloth(cfg: dict, gradient_checkpointing: bool):
         max_seq_length=int(cfg["model"]["max_length"]),
         load_in_4bit=bool(cfg["model"].get("load_in_4bit", True)),
         dtype=None,  # unsloth picks bf16 where supported, fp16 on a T4
-        trust_remote_code=bool(cfg["model"].get("trust_remote_code")),
+        trust_remote_code=remote_code(cfg),
     )
     lora = dict(cfg["lora"])
     targets = lora.pop("target_modules", "all-linear")

@@ -16,8 +16,16 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .config import diff_configs, dump_yaml, load_yaml, resolve_config, validate
-from .environment import lab_root, mount_drive
+from .config import (
+    check_with_libraries,
+    diff_configs,
+    dump_yaml,
+    load_yaml,
+    merge_defaults,
+    resolve_config,
+    validate,
+)
+from .environment import lab_root
 from .errors import LabError, install_handler
 
 __all__ = ["Run", "start", "RUN_FORMAT"]
@@ -90,23 +98,133 @@ class Run:
 
 
 def _check_format(run_dir: Path) -> None:
+    """LabError when the run folder was written by another version of the package (run.json's format)."""
     meta = run_dir / "run.json"
     if not meta.exists():
+        if (run_dir / "config.yaml").exists():
+            raise LabError(
+                f"run folder {run_dir} has a config.yaml but no run.json, so it was not made by this qlora-lab "
+                "(or run.json was deleted) — use a new run_name; this folder is left as it is"
+            )
         return
     try:
-        fmt = json.loads(meta.read_text()).get("format", 0)
-    except (OSError, ValueError):
-        raise LabError(f"{meta} is damaged — restore it from Drive's version history or use a new run_name") from None
+        body = json.loads(meta.read_text())
+        fmt = body.get("format", 0)
+        version = body.get("qlora_lab", "unknown")
+    except (OSError, ValueError, AttributeError):
+        raise LabError(
+            f"{meta} is damaged — restore it from Drive's version history (right-click → Manage versions) "
+            "or use a new run_name"
+        ) from None
+    if not isinstance(fmt, int) or isinstance(fmt, bool):
+        raise LabError(f"{meta} has format {fmt!r}, not a number — restore it from Drive's version history or use a new run_name")
     if fmt > RUN_FORMAT:
         raise LabError(
-            f"run folder {run_dir} was written by a newer qlora-lab (format {fmt} > {RUN_FORMAT}) — "
-            "upgrade the package (re-run 00_setup's install cell) or use a new run_name"
+            f"run folder {run_dir} was written by a newer qlora-lab ({version}, run format {fmt} > {RUN_FORMAT}) — "
+            "upgrade the package (re-run the setup cell after a fresh runtime) or use a new run_name"
         )
     if fmt < RUN_FORMAT:
         raise LabError(
-            f"run folder {run_dir} comes from an older qlora-lab (format {fmt} < {RUN_FORMAT}) — "
-            "use a new run_name, or install the version that wrote it"
+            f"run folder {run_dir} comes from an older qlora-lab ({version}, run format {fmt} < {RUN_FORMAT}) — "
+            f"use a new run_name (this folder is left as it is), or install qlora-lab {version} to finish it"
         )
+
+
+def _load_saved(path: Path) -> dict:
+    """Return the run's saved config, completed with today's defaults; LabError naming the fix when unusable."""
+    try:
+        return validate(merge_defaults(load_yaml(path)))
+    except LabError as e:
+        raise LabError(
+            f"the run's saved config is unusable ({e}) — restore {path.name} from Drive's version history "
+            "(right-click → Manage versions), or use a new run_name"
+        ) from None
+
+
+def _touched(changed: set[str] | None, *prefixes: str) -> bool:
+    """Return True for a new run (changed is None) or when a changed key is or lies under one of prefixes."""
+    if changed is None:
+        return True
+    return any(k == p or k.startswith(p + ".") for k in changed for p in prefixes)
+
+
+def _check_data_path(spec: str) -> None:
+    """LabError when data.path names a local file or folder that is missing, empty or of an unknown type."""
+    from .data import LOCAL_TYPES
+    from .embedded import is_embedded, resolve_data
+
+    if is_embedded(spec):
+        resolve_data(spec)
+        return
+    p = Path(spec).expanduser()
+    types = "/".join(sorted(LOCAL_TYPES))
+    if p.is_file():
+        if p.suffix.lower() not in LOCAL_TYPES:
+            raise LabError(f"data.path {spec!r} is a {p.suffix or 'suffix-less'} file — use a {types} file")
+        if p.stat().st_size == 0:
+            raise LabError(f"data.path {spec!r} is an empty file — check the file, or point data.path elsewhere")
+        return
+    if p.is_dir():
+        files = [f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in LOCAL_TYPES]
+        if not files:
+            raise LabError(f"data.path {spec!r} is a folder with no {types} file in it — point it at one")
+        if all(f.stat().st_size == 0 for f in files):
+            raise LabError(f"data.path {spec!r}: every data file in it is empty — check the folder")
+        return
+    local = spec.startswith(("/", ".", "~")) or p.suffix.lower() in LOCAL_TYPES or spec.count("/") > 1
+    if local:
+        hint = " (is Google Drive mounted, and is the file under MyDrive?)" if spec.startswith("/content/drive") else ""
+        raise LabError(f"data.path {spec!r} does not exist{hint} — check the path (a hub dataset id looks like 'org/name')")
+    from .environment import check_hub_repo
+
+    check_hub_repo(spec, key="data.path", repo_type="dataset")
+
+
+def _check_precision(cfg: dict) -> None:
+    """LabError when train.fp16 / train.bf16 ask for something this machine cannot do."""
+    t = cfg["train"]
+    if not (t.get("fp16") is True or t.get("bf16") is True):
+        return
+    if t.get("fp16") is True and t.get("bf16") is True:
+        raise LabError("train.fp16 and train.bf16 are both true — keep one, or remove both and let the lab choose")
+    from .defaults import detect_hardware
+
+    hw = detect_hardware()
+    key = "train.fp16" if t.get("fp16") is True else "train.bf16"
+    if hw.kind != "cuda":
+        raise LabError(
+            f"{key} needs a CUDA GPU, and this machine has none — remove it: the lab picks the precision for the hardware"
+        )
+    if key == "train.bf16" and not hw.bf16:
+        raise LabError(
+            f"train.bf16 needs a GPU with bfloat16 (L4, A100, H100); this {hw.name} has none — use fp16: true, "
+            "or remove both and let the lab choose"
+        )
+
+
+def _preflight(cfg: dict, root: Path, changed: set[str] | None) -> None:
+    """Check what writing this config commits the run to, before anything is written (changed None: a new run)."""
+    from .environment import check_free_space, require_hardware
+    from .model import check_model_source, check_target_modules, remote_code
+
+    m = cfg["model"]
+    remote_code(cfg)  # one warning line when it is on
+    if _touched(changed, "profile") or os.environ.get("LAB_PROFILE"):
+        require_hardware(cfg.get("profile", "auto"), "LAB_PROFILE" if os.environ.get("LAB_PROFILE") else "profile")
+    if _touched(changed, "data.path"):
+        _check_data_path(cfg["data"]["path"])
+    if _touched(changed, "model.name", "model.revision"):
+        check_model_source(m["name"], revision=m.get("revision"))
+    if m.get("tokenizer") and _touched(changed, "model.tokenizer"):
+        check_model_source(
+            m["tokenizer"], key="model.tokenizer", need=("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+        )
+    if _touched(changed, "lora", "model.name"):
+        check_target_modules(cfg)
+    if _touched(changed, "train", "lora"):
+        _check_precision(cfg)
+        check_with_libraries(cfg)
+    check_free_space(root, float(cfg["checkpoint"].get("min_free_gib", 0.5)))
 
 
 def _archive(run_dir: Path) -> Path:
@@ -125,41 +243,43 @@ def start(run_name: str | None = None, form: dict | None = None, *, restart: boo
     run_name: the notebook's RUN_NAME (LAB_RUN_NAME and LAB_CONFIG's run_name win over it).
     form: the notebook's form fields as dotted keys; None in notebooks that only read the run.
     restart: move an existing run's artifacts to previous-<time>/ and start it afresh.
+
+    Every check (config values, runs folder, data and model paths, hardware, free space, changes
+    to a run that has results) runs before the first byte is written: a refused start leaves the
+    run folder exactly as it was.
     """
     install_handler()
     say = (lambda *a: None) if quiet else print
-    mounted = mount_drive()
-    root, why = lab_root(mounted)
-    say(why)
 
     form = dict(form or {})
     if run_name:
         form.setdefault("run_name", run_name)
+    # The config as asked for, checked before Drive or the runs folder is touched.
     # Which run? LAB_RUN_NAME > LAB_CONFIG's run_name > the notebook's RUN_NAME.
-    wanted = resolve_config(form={"run_name": form.get("run_name")} if form.get("run_name") else None)
-    if os.environ.get("LAB_CONFIG"):
-        wanted = resolve_config()
+    wanted = resolve_config(form=form)
     name = wanted["run_name"]
+    root, why = lab_root()
+    say(why)
     run_dir = root / name
     saved_path = run_dir / "config.yaml"
+    has_work = any((run_dir / n).exists() for n in ("checkpoints", "adapter"))
 
-    if saved_path.exists():
+    if run_dir.exists():
         _check_format(run_dir)
-        try:
-            saved = validate(load_yaml(saved_path))
-        except LabError as e:
-            raise LabError(f"the run's saved config is unusable: {e}") from None
+    if saved_path.exists():
+        saved = _load_saved(saved_path)
         new = resolve_config(form=form, base=saved)
         new["run_name"] = name
         changes = diff_configs(saved, new)
         breaking = {k: v for k, v in changes.items() if not _is_harmless(k)}
-        has_work = any((run_dir / n).exists() for n in ("checkpoints", "adapter"))
         if breaking and has_work and not restart:
             listed = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in breaking.items())
             raise LabError(
                 f"run {name!r} already has training results made with other settings ({listed}) — "
-                "set a new run_name to keep both, or restart this run explicitly (RESTART = True in 02_train)"
+                "set a new run_name to keep both, or restart this run explicitly (RESTART = True in 02_train "
+                "moves the old results to previous-<time>/; nothing is deleted)"
             )
+        _preflight(new, root, set(changes) if not (restart and has_work) else None)
         if restart and has_work:
             dest = _archive(run_dir)
             say(f"Restarting run {name!r}: earlier checkpoints and results moved → {dest}")
@@ -170,12 +290,20 @@ def start(run_name: str | None = None, form: dict | None = None, *, restart: boo
         cfg = new
         say(f"Run {name!r}: config → {saved_path}")
     else:
-        cfg = resolve_config(form=form)
+        if has_work:
+            raise LabError(
+                f"run folder {run_dir} has training results but no config.yaml — restore config.yaml from Drive's "
+                "version history (right-click → Manage versions), or use a new run_name; this folder is left as it is"
+            )
+        cfg = wanted
         cfg["run_name"] = name
+        _preflight(cfg, root, None)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "run.json").write_text(
-            json.dumps({"format": RUN_FORMAT, "qlora_lab": __version__, "created": _dt.datetime.now().isoformat()})
-        )
+        meta = run_dir / "run.json"
+        if not meta.exists():
+            meta.write_text(
+                json.dumps({"format": RUN_FORMAT, "qlora_lab": __version__, "created": _dt.datetime.now().isoformat()})
+            )
         dump_yaml(cfg, saved_path)
         say(f"Run {name!r}: new run, config written → {saved_path}")
     return Run(name=name, dir=run_dir, cfg=cfg)
