@@ -193,8 +193,8 @@ def test_role_map_extends_roles_and_system_prompt_is_added(tokenizer, tmp_path, 
 
 
 def test_role_map_to_an_unknown_role_is_a_config_error(tokenizer, tmp_path, lab_root):
-    run = make_run(lab_root, write_jsonl(tmp_path / "d.jsonl", [chat(1)]), role_map={"x": "narrator"})
-    with pytest.raises(LabError, match="role_map"):
+    with pytest.raises(LabError, match="role_map"):  # caught when the config is checked, before any data is read
+        run = make_run(lab_root, write_jsonl(tmp_path / "d.jsonl", [chat(1)]), role_map={"x": "narrator"})
         prepare(run, tokenizer)
 
 
