@@ -32,6 +32,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_ENV = "QLORA_LAB_LLAMA_CPP_SDIST"  # optional: path to an already-downloaded sdist (offline use)
 from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
+from .environment import get_secret, hub_reachable  # noqa: E402
 from .errors import LabError  # noqa: E402
 
 # Files of vendor/llama.cpp/ that convert_hf_to_gguf.py needs: the script, its `conversion`
@@ -679,24 +680,7 @@ def _get_token(token: str | None) -> str | None:
     """Return the HF token: the argument, else $HF_TOKEN, else Colab's secret 'HF_TOKEN' (never printed)."""
     if token:
         return token
-    from .environment import get_secret
-
     return get_secret("HF_TOKEN") or None
-
-
-def _hub_reachable(timeout: float = 5.0) -> bool:
-    """Return True if the Hugging Face Hub answers at all (any HTTP status)."""
-    import urllib.error
-    import urllib.request
-
-    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co").rstrip("/")
-    try:
-        urllib.request.urlopen(urllib.request.Request(endpoint + "/api/whoami-v2", method="HEAD"), timeout=timeout)
-        return True
-    except urllib.error.HTTPError:
-        return True
-    except Exception:
-        return False
 
 
 def _upload_list(export_dir: Path, what: Sequence[str]) -> list[tuple[str, int]]:
@@ -741,7 +725,7 @@ def push_to_hub(
             dry_run, reason = True, "no HF token (set HF_TOKEN in Colab secrets)"
         elif _truthy(os.environ.get("HF_HUB_OFFLINE")):
             dry_run, reason = True, "HF_HUB_OFFLINE is set"
-        elif not _hub_reachable():
+        elif not hub_reachable():
             dry_run, reason = True, "the Hub is unreachable"
         else:
             dry_run = False
