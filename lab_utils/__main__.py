@@ -21,7 +21,8 @@ def _notebooks_dir() -> Path:
 
 def demo() -> int:
     """Run the five notebooks as scripts on the embedded default, then print a summary."""
-    os.environ.setdefault("LAB_ROOT", str(Path("runs").resolve()))
+    # one absolute runs folder for every notebook (`make demo` passes ./runs): no child can read it otherwise
+    os.environ["LAB_ROOT"] = os.path.abspath(Path(os.environ.get("LAB_ROOT") or "runs").expanduser())
     os.environ["PYTHONUNBUFFERED"] = "1"
     folder = _notebooks_dir()
     t0 = time.monotonic()
@@ -36,7 +37,7 @@ def demo() -> int:
     from .config import resolve_config
 
     cfg = resolve_config()
-    run_dir = Path(os.environ["LAB_ROOT"]).resolve() / cfg["run_name"]
+    run_dir = Path(os.environ["LAB_ROOT"]) / cfg["run_name"]
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     base, tuned = metrics["base"], metrics["tuned"]
     print("\n━━━ Summary ━━━")

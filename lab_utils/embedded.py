@@ -95,7 +95,17 @@ def tokenizer_dir() -> Path:
 
 def cache_root() -> Path:
     """Return the folder where built embedded artifacts live ($LAB_CACHE or ~/.cache/qlora-lab)."""
-    return Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "qlora-lab")
+    return Path(os.path.abspath(Path(os.environ.get("LAB_CACHE") or Path.home() / ".cache" / "qlora-lab").expanduser()))
+
+
+def absolute_if_local(spec: str) -> str:
+    """Return spec as an absolute path when it names an existing local file or folder, else unchanged.
+
+    Libraries take a relative path that happens not to resolve from their own point of view (or one with
+    a single slash) for a Hub id; every local path is therefore handed on absolute.
+    """
+    p = Path(spec).expanduser()
+    return os.path.abspath(p) if p.exists() else spec
 
 
 def is_embedded(name: str | None) -> bool:
@@ -139,9 +149,10 @@ def parse_price(text: str) -> float | None:
 
 
 def resolve_data(path: str) -> str:
-    """Return a real file path for a data source: the embedded JSONL for `embedded:pricer`, else `path`."""
+    """Return a real file path for a data source: the embedded JSONL for `embedded:pricer`, an existing local
+    file or folder as an absolute path, else `path` (a hub id)."""
     if not is_embedded(path):
-        return path
+        return absolute_if_local(path)
     if path != EMBEDDED_DATA:
         raise LabError(f"data.path {path!r} is not a built-in dataset — the embedded one is {EMBEDDED_DATA!r}")
     out = cache_root() / f"pricer-{DATA_SEED}-{DATA_ROWS}.jsonl"
@@ -162,9 +173,10 @@ def _model_fingerprint() -> str:
 
 
 def resolve_model(name: str) -> str:
-    """Return a loadable model path: the built tiny Llama folder for `embedded:tiny-llama`, else `name`."""
+    """Return a loadable model path: the built tiny Llama folder for `embedded:tiny-llama`, an existing local
+    folder as an absolute path, else `name` (a hub id)."""
     if not is_embedded(name):
-        return name
+        return absolute_if_local(name)
     if name != EMBEDDED_MODEL:
         raise LabError(f"model.name {name!r} is not a built-in model — the embedded one is {EMBEDDED_MODEL!r}")
     out = cache_root() / f"tiny-llama-{_model_fingerprint()}"

@@ -106,7 +106,8 @@ def lab_root(mounted: bool | None = None) -> tuple[Path, str]:
     env = os.environ.get("LAB_ROOT")
     colab = in_colab()
     if env:
-        root = Path(env).expanduser()
+        # absolute once, here: a relative folder handed to transformers or datasets can read as a Hub id
+        root = Path(os.path.abspath(Path(env).expanduser()))
         origin = "LAB_ROOT"
         if colab and on_drive_path(root):
             if mounted is None or not mounted:

@@ -462,7 +462,8 @@ def check_gguf(merged_dir: Path, gguf_path: Path, n_tokens: int = 64, seed: int 
     from gguf import GGUFReader
     from transformers import AutoModelForCausalLM
 
-    gguf_path = Path(gguf_path)
+    gguf_path = Path(os.path.abspath(gguf_path))
+    merged_dir = Path(os.path.abspath(merged_dir))
     n_tensors = len(GGUFReader(str(gguf_path)).tensors)
     device, dtype = _device_and_dtype()
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=dtype, device_map={"": device})
@@ -470,8 +471,10 @@ def check_gguf(merged_dir: Path, gguf_path: Path, n_tokens: int = 64, seed: int 
     ref = _logits(merged, ids)
     del merged
     _release()
+    # gguf_file is a name inside the (absolute) folder: transformers joins the two, and a relative
+    # folder would be looked up on the Hub
     back = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=str(gguf_path), dtype=dtype, device_map={"": device}
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=dtype, device_map={"": device}
     )
     got = _logits(back, ids)
     del back
