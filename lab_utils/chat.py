@@ -215,8 +215,10 @@ def _tool_calls(value: Any, where: str) -> list[dict]:
 
 def standardize_tools(value: Any) -> list[dict] | None:
     """Return a row's tool list as [{'type': 'function', 'function': {name, description, parameters}}], or None."""
+    if isinstance(value, str) and not value.strip():
+        return None  # an empty cell (CSV) offers no tools
     value = _json_value(value, "column 'tools'", "bad_tools")
-    if value is None or value == "" or value == []:
+    if value is None or value == []:
         return None
     items = value if isinstance(value, list) else [value]
     tools = []
