@@ -13,6 +13,10 @@ chat template writes right after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_o
    Templates with `{% generation %}` markers are checked with transformers' `return_assistant_tokens_mask`:
    content inside the marked blocks keeps the rule above (so markers that also wrap a role header or '\n'
    change nothing); content that cannot be found there gives way to the marked blocks (edges trimmed).
+   An assistant turn with tool calls or a thinking trace in a field of its own is located by rendering the
+   chat again with that turn replaced by a plain sentinel answer: what differs is what the turn wrote (its
+   trace, content and calls, in the template's own layout: `<tool_call>...</tool_call>`, Llama 3.1's JSON).
+   Tool results (`tool` turns), the tool list the template writes and user turns are never in a span.
 3. Extend each span over the end-of-turn marker that follows it. The marker is learned once per template by
    rendering a probe chat: the whole tokens an assistant turn ends with both mid-chat and last (`<|im_end|>`,
    `" </s>"` for Llama-2), else the special token each starts with (gpt-oss: `<|end|>` / `<|return|>`), else
