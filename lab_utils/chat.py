@@ -13,6 +13,10 @@ chat template writes right after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_o
    Templates with `{% generation %}` markers are checked with transformers' `return_assistant_tokens_mask`:
    content inside the marked blocks keeps the rule above (so markers that also wrap a role header or '\n'
    change nothing); content that cannot be found there gives way to the marked blocks (edges trimmed).
+   An assistant turn with tool calls or a thinking trace in a field of its own is located by rendering the
+   chat again with that turn replaced by a plain sentinel answer: what differs is what the turn wrote (its
+   trace, content and calls, in the template's own layout: `<tool_call>...</tool_call>`, Llama 3.1's JSON).
+   Tool results (`tool` turns), the tool list the template writes and user turns are never in a span.
 3. Extend each span over the end-of-turn marker that follows it. The marker is learned once per template by
    rendering a probe chat: the whole tokens an assistant turn ends with both mid-chat and last (`<|im_end|>`,
    `" </s>"` for Llama-2), else the special token each starts with (gpt-oss: `<|end|>` / `<|return|>`), else
@@ -27,27 +31,66 @@ chat template writes right after it (`<|im_end|>`, `<|eot_id|>`, `</s>`, `<end_o
 from __future__ import annotations
 
 import bisect
+import json
 import operator
+import os
 import re
 from typing import Any
 
 FORMATS = ("sharegpt", "messages", "alpaca", "prompt_completion", "text")
-ROLES = ("system", "user", "assistant")
+# Targets a role may map to: `tool` is a tool's result, `function_call` a ShareGPT turn whose value is the call.
+ROLES = ("system", "user", "assistant", "tool", "function_call")
 DEFAULT_ROLE_MAP: dict[str, str] = {
     "system": "system",
     "user": "user", "human": "user", "prompter": "user",
     "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
     "chatgpt": "assistant", "ai": "assistant",
+    "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
+    "function_call": "function_call", "tool_call": "function_call",
 }  # fmt: skip
+REASONING = ("keep", "drop")  # data.reasoning: what happens to an assistant turn's thinking trace
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # where datasets keep the trace
+_THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)  # a trace written at the start of the content
 CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")
 
-# ChatML with the tokenizer's eos token ending every turn; `{% generation %}` wraps what the model learns.
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}{% generation %}{{ message['content'] + eos_token }}"
-    "{% endgeneration %}{% else %}{{ message['content'] + eos_token }}{% endif %}{{ '\n' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+def chatml_template(end: str, bos: bool = False) -> str:
+    """Return a ChatML chat template ending every turn with the Jinja expression `end`, taking tools= and traces.
+
+    `{% generation %}` wraps what the model learns: the assistant's trace (`<think>` block), content and
+    `<tool_call>{"name": ..., "arguments": {...}}</tool_call>` calls. With tools, one compact line per tool
+    (`- name(arg: type, ...): description`, short enough for a small max_length) opens the system turn;
+    tool results are `tool` turns. A chat without tools renders as plain ChatML.
+    """
+    return (
+        ("{{ bos_token }}" if bos else "")
+        + "{%- if tools %}{{ '<|im_start|>system\n' }}"
+        "{%- if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + '\n\n' }}{%- endif %}"
+        "{{ 'Tools:' }}{%- for tool in tools %}{%- set f = tool['function'] if tool['function'] is defined else tool %}"
+        "{%- set props = f['parameters']['properties'] if f['parameters'] is defined and "
+        "f['parameters']['properties'] is defined else {} %}{{ '\n- ' + f['name'] + '(' }}"
+        "{%- for name, spec in props | items %}{{ (', ' if not loop.first else '') + name + ': ' + "
+        "(spec['type'] if spec['type'] is defined else 'any') }}{%- endfor %}{{ ')' }}"
+        "{%- if f['description'] is defined %}{{ ': ' + f['description'] }}{%- endif %}{%- endfor %}"
+        "{{ '\nCall as <tool_call>{json}</tool_call>' + "
+        + end
+        + " + '\n' }}{%- endif %}"
+        "{%- for message in messages %}{%- if not (tools and loop.first and message['role'] == 'system') %}"
+        "{{ '<|im_start|>' + message['role'] + '\n' }}"
+        "{%- if message['role'] == 'assistant' %}{% generation %}"
+        "{%- if message['reasoning_content'] %}{{ '<think>\n' + message['reasoning_content'] + '\n</think>\n\n' }}"
+        "{%- endif %}{{ message['content'] }}"
+        "{%- for call in message['tool_calls'] or [] %}"
+        "{%- set f = call['function'] if call['function'] is defined else call %}"
+        "{{ ('\n' if (message['content'] or not loop.first) else '') + '<tool_call>' + "
+        "({'name': f['name'], 'arguments': f['arguments']} | tojson) + '</tool_call>' }}{%- endfor %}"
+        "{{ " + end + " }}{% endgeneration %}{{ '\n' }}"
+        "{%- else %}{{ message['content'] + " + end + " + '\n' }}{%- endif %}{%- endif %}{%- endfor %}"
+        "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
+    )
+
+
+# ChatML with the tokenizer's eos token ending every turn (for tokenizers that have no template).
+DEFAULT_CHAT_TEMPLATE = chatml_template("eos_token")
 
 _GENERATION_TAG = re.compile(r"\{%-?\s*generation\s*-?%\}")
 _SENTINEL = "<<lab_utils.chat:{}>>"
@@ -99,6 +142,23 @@ def detect_format(columns: list[str], sample_rows: list[dict]) -> tuple[str, str
     )
 
 
+def describe_tools(columns: list[str], sample_rows: list[dict]) -> str | None:
+    """Return how the sample carries tool calling (e.g. "ShareGPT function_call/observation turns, ..."), or None."""
+    rows = [r for r in sample_rows if isinstance(r, dict)]
+    turns = [t for r in rows for c in CONVERSATION_COLUMNS if isinstance(r.get(c), list) for t in r[c]]
+    turns = [t for t in turns if isinstance(t, dict)]
+    roles = {str(_either(t, "role", "from")).strip().lower() for t in turns}
+    parts = []
+    if roles & {"function_call", "tool_call", "observation"}:
+        parts.append("ShareGPT function_call/observation turns (LLaMA-Factory / glaive style)")
+    if any(t.get("tool_calls") for t in turns) or roles & {"tool", "ipython"}:
+        parts.append("OpenAI tool_calls on assistant turns with role 'tool' results")
+    kinds = {type(r["tools"]).__name__ for r in rows if r.get("tools") not in (None, "", [], "[]")}
+    if kinds:
+        parts.append("a 'tools' column " + ("of JSON text" if kinds == {"str"} else "of lists"))
+    return "tool calling: " + ", ".join(parts) if parts else None
+
+
 def _role_map(role_map: dict | None) -> dict[str, str]:
     """Return DEFAULT_ROLE_MAP extended by the user's entries (keys lower-cased); ValueError on a bad target."""
     merged = dict(DEFAULT_ROLE_MAP)
@@ -115,33 +175,132 @@ def _either(turn: dict, key: str, alias: str) -> Any:
     return turn.get(alias) if value is None else value
 
 
-def _turns(value: Any, field: str, roles: dict[str, str], default_role: str | None = None) -> list[dict]:
-    """Return validated {'role','content'} turns from a list of turns (or a string under default_role)."""
+def _drop_nulls(value: Any) -> Any:
+    """Return value with None entries of every mapping removed (Arrow gives each dict every key seen in the file)."""
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
+def _json_value(value: Any, where: str, reason: str) -> Any:
+    """Return value, parsed when it is JSON text; RowError(reason) when that text is not JSON."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError as e:
+        raise RowError(reason, f"{where} is not valid JSON ({e.msg}): {value[:60]!r}") from None
+
+
+def _tool_calls(value: Any, where: str) -> list[dict]:
+    """Return [{'type': 'function', 'function': {'name', 'arguments': dict}}] from a call, a list of calls or JSON text."""
+    value = _json_value(value, where, "bad_tool_call")
+    items = value if isinstance(value, list) else [value]
+    calls = []
+    for item in items:
+        fn = item.get("function") if isinstance(item, dict) and isinstance(item.get("function"), dict) else item
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise RowError("bad_tool_call", f"{where} needs a function name, got {item!r:.60}")
+        args = fn.get("arguments")
+        args = fn.get("parameters") if args is None else args  # Llama 3.1 writes 'parameters'
+        args = {} if args is None or args == "" else _json_value(args, f"{where} arguments", "bad_tool_call")
+        if not isinstance(args, dict):
+            raise RowError("bad_tool_call", f"{where} arguments are {type(args).__name__}, not a JSON object")
+        call: dict[str, Any] = {"type": "function", "function": {"name": fn["name"], "arguments": _drop_nulls(args)}}
+        if isinstance(item, dict) and isinstance(item.get("id"), str):
+            call["id"] = item["id"]
+        calls.append(call)
+    if not calls:
+        raise RowError("bad_tool_call", f"{where} holds no function call")
+    return calls
+
+
+def standardize_tools(value: Any) -> list[dict] | None:
+    """Return a row's tool list as [{'type': 'function', 'function': {name, description, parameters}}], or None."""
+    if isinstance(value, str) and not value.strip():
+        return None  # an empty cell (CSV) offers no tools
+    value = _json_value(value, "column 'tools'", "bad_tools")
+    if value is None or value == []:
+        return None
+    items = value if isinstance(value, list) else [value]
+    tools = []
+    for i, item in enumerate(items):
+        item = _drop_nulls(item)
+        fn = item.get("function") if isinstance(item, dict) and isinstance(item.get("function"), dict) else item
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"].strip():
+            raise RowError("bad_tools", f"tools[{i}] needs a function name, got {item!r:.60}")
+        tools.append({"type": "function", "function": fn})
+    return tools
+
+
+def _reasoning_of(turn: dict, content: str) -> tuple[str | None, str]:
+    """Return (the turn's thinking trace or None, its content without a leading <think> block)."""
+    trace = next((turn[k] for k in _REASONING_FIELDS if isinstance(turn.get(k), str) and turn[k].strip()), None)
+    if m := _THINK_RE.match(content):
+        trace, content = trace or m.group(1), content[m.end() :]
+    return (trace.strip() if trace and trace.strip() else None), content
+
+
+def _turns(
+    value: Any,
+    field: str,
+    roles: dict[str, str],
+    default_role: str | None = None,
+    reasoning: str = "keep",
+    stats: dict | None = None,
+) -> list[dict]:
+    """Return validated turns ({'role','content'} plus tool_calls / reasoning_content / name / tool_call_id)."""
     if isinstance(value, str) and default_role is not None:
         value = [{"role": default_role, "content": value}]
     if value is None or (isinstance(value, (list, str)) and len(value) == 0):
         raise RowError("empty", f"field '{field}' is empty")
     if not isinstance(value, list):
         raise RowError("missing_field", f"field '{field}' is {type(value).__name__}, not a list of turns")
-    out = []
+    out: list[dict] = []
     for i, turn in enumerate(value):
+        where = f"{field}[{i}]"
         # Arrow gives every turn every key seen in the file (None where absent): take the one that is set
         role = _either(turn, "role", "from") if isinstance(turn, dict) else None
         content = _either(turn, "content", "value") if isinstance(turn, dict) else None
-        if not isinstance(turn, dict) or role is None or ("content" not in turn and "value" not in turn):
-            raise RowError(
-                "missing_field", f"{field}[{i}] needs role/content or from/value, got {turn!r:.60}"
-            )
-        if not isinstance(content, str):
-            raise RowError("non_string_content", f"{field}[{i}] content is {type(content).__name__}, not str")
+        raw_calls = (turn.get("tool_calls") or turn.get("function_call")) if isinstance(turn, dict) else None
+        if not isinstance(turn, dict) or role is None or (
+            "content" not in turn and "value" not in turn and not raw_calls
+        ):
+            raise RowError("missing_field", f"{where} needs role/content or from/value, got {turn!r:.60}")
         mapped = roles.get(role.strip().lower()) if isinstance(role, str) else None
         if mapped is None:
-            raise RowError("unknown_role", f"{field}[{i}] has unknown role {role!r}; add it to data.role_map")
-        if not content.strip():
+            raise RowError("unknown_role", f"{where} has unknown role {role!r}; add it to data.role_map")
+        if mapped == "function_call":  # ShareGPT: the value is the call; it belongs to the assistant's turn
+            calls = _tool_calls(content, where)
+            if out and out[-1]["role"] == "assistant" and "tool_calls" not in out[-1]:
+                out[-1]["tool_calls"] = calls  # "I'll look that up" + the call: one assistant turn
+            else:
+                out.append({"role": "assistant", "content": "", "tool_calls": calls})
+            continue
+        if mapped == "tool" and isinstance(content, (dict, list)):
+            content = json.dumps(content, ensure_ascii=False)
+        if content is None and mapped == "assistant" and raw_calls:
+            content = ""
+        if not isinstance(content, str):
+            raise RowError("non_string_content", f"{where} content is {type(content).__name__}, not str")
+        msg: dict[str, Any] = {"role": mapped, "content": content}
+        if mapped == "assistant":
+            if raw_calls:
+                msg["tool_calls"] = _tool_calls(raw_calls, where)
+            trace, msg["content"] = _reasoning_of(turn, content)
+            if trace and stats is not None:
+                stats["reasoning"] = stats.get("reasoning", 0) + 1
+            if trace and reasoning == "keep":
+                msg["reasoning_content"] = trace
+        if mapped == "tool":
+            msg.update({k: turn[k] for k in ("name", "tool_call_id") if isinstance(turn.get(k), str)})
+        if not msg["content"].strip() and not msg.get("tool_calls") and mapped != "tool":
             if mapped == "system":
                 continue  # an empty system prompt says nothing; dropping it keeps the row
-            raise RowError("empty_content", f"{field}[{i}] ({mapped}) has empty content")
-        out.append({"role": mapped, "content": content})
+            raise RowError("empty_content", f"{where} ({mapped}) has empty content")
+        out.append(msg)
     return out
 
 
@@ -160,11 +319,22 @@ def _text_field(row: dict, field: str, required: bool = True, blank: str = "empt
 
 
 def standardize(
-    row: dict, fmt: str, role_map: dict | None = None, system_prompt: str | None = None
+    row: dict,
+    fmt: str,
+    role_map: dict | None = None,
+    system_prompt: str | None = None,
+    reasoning: str = "keep",
+    stats: dict | None = None,
 ) -> list[dict]:
-    """Return the row as [{'role','content'}, ...] (user/assistant/system; 'text' for fmt='text') or raise RowError."""
+    """Return the row as [{'role','content'}, ...] (user/assistant/system/tool; 'text' for fmt='text') or raise RowError.
+
+    Assistant turns may carry `tool_calls` (name + arguments as a dict) and, with reasoning='keep',
+    `reasoning_content`; tool turns may carry `name` / `tool_call_id`. `stats` (optional) counts traces seen.
+    """
     if fmt not in FORMATS:
         raise ValueError(f"Unknown data format {fmt!r}; fix: set data.format to one of {list(FORMATS)}")
+    if reasoning not in REASONING:
+        raise ValueError(f"data.reasoning must be one of {REASONING}, got {reasoning!r}; fix: pick one")
     roles = _role_map(role_map)
     if fmt == "text":
         return [{"role": "text", "content": _text_field(row, "text", blank="empty")}]
@@ -172,7 +342,10 @@ def standardize(
         col = next((c for c in CONVERSATION_COLUMNS if c in row), None)
         if col is None:
             raise RowError("missing_field", f"row has none of {list(CONVERSATION_COLUMNS)}: {sorted(row)}")
-        messages = _turns(row[col], col, roles)
+        messages = _turns(row[col], col, roles, reasoning=reasoning, stats=stats)
+        head = row.get("system")  # LLaMA-Factory's ShareGPT keeps the system prompt in its own column
+        if isinstance(head, str) and head.strip() and not any(m["role"] == "system" for m in messages):
+            messages.insert(0, {"role": "system", "content": head})
     elif fmt == "alpaca":
         instruction, extra = _text_field(row, "instruction"), _text_field(row, "input", required=False)
         user = instruction + ("\n\n" + extra if extra.strip() else "")
@@ -182,8 +355,8 @@ def standardize(
         for field in ("prompt", "completion"):
             if field not in row:
                 raise RowError("missing_field", f"row has no field '{field}' (fields: {sorted(row)})")
-        messages = _turns(row["prompt"], "prompt", roles, "user")
-        messages += _turns(row["completion"], "completion", roles, "assistant")
+        messages = _turns(row["prompt"], "prompt", roles, "user", reasoning, stats)
+        messages += _turns(row["completion"], "completion", roles, "assistant", reasoning, stats)
     if not messages:
         raise RowError("empty", "the conversation has no turns with content")
     if not any(m["role"] == "assistant" for m in messages):
@@ -199,6 +372,100 @@ def standardize(
     if system_prompt and not any(m["role"] == "system" for m in messages):
         messages.insert(0, {"role": "system", "content": system_prompt})
     return messages
+
+
+# Fields of a stored message (the processed dataset's `messages` column): tool_calls as JSON text.
+RECORD_FIELDS = ("role", "content", "tool_calls", "reasoning_content", "name", "tool_call_id")
+
+
+def to_record(messages: list[dict]) -> list[dict]:
+    """Return messages in the processed dataset's fixed layout (RECORD_FIELDS; absent ones None)."""
+    return [
+        {
+            k: (json.dumps(m[k], ensure_ascii=False) if k == "tool_calls" and m.get(k) else m.get(k))
+            for k in RECORD_FIELDS
+        }
+        for m in messages
+    ]
+
+
+def from_record(messages: list[dict]) -> list[dict]:
+    """Return stored messages as a chat template takes them: absent fields left out, tool_calls decoded."""
+    out = []
+    for m in messages:
+        msg = {k: v for k, v in m.items() if v is not None}
+        if isinstance(msg.get("tool_calls"), str):
+            msg["tool_calls"] = json.loads(msg["tool_calls"])
+        out.append(msg)
+    return out
+
+
+def tool_names(tools: list[dict] | None) -> list[str]:
+    """Return the function names of a standardized tool list."""
+    return [t["function"]["name"] for t in tools or []]
+
+
+def call_text(calls: list[dict]) -> str:
+    """Return tool calls as JSON lines {"name": ..., "arguments": {...}} (the reference a tool metric compares)."""
+    return "\n".join(
+        json.dumps({"name": c["function"]["name"], "arguments": c["function"]["arguments"]}, ensure_ascii=False)
+        for c in calls
+    )
+
+
+def _reasoning_field(tokenizer) -> str | None:
+    """Return the message field this template reads a thinking trace from ('reasoning_content', 'thinking'), or None."""
+    template = tokenizer.get_chat_template()
+    if "reasoning_content" in template:
+        return "reasoning_content"
+    if re.search(r"message\.thinking|message\[['\"]thinking['\"]\]|['\"]thinking['\"] in message", template):
+        return "thinking"
+    return None
+
+
+def template_messages(tokenizer, messages: list[dict]) -> list[dict]:
+    """Return messages with each thinking trace where this template expects it: its field, else a <think> block."""
+    field, out = None, []
+    for m in messages:
+        trace = m.get("reasoning_content")
+        if trace:
+            field = field or _reasoning_field(tokenizer) or "content"
+            m = {k: v for k, v in m.items() if k != "reasoning_content"}
+            if field == "content":  # a template that knows no trace field: the trace leads the answer
+                m["content"] = f"<think>\n{trace}\n</think>\n\n" + m["content"]
+            else:
+                m[field] = trace
+        out.append(m)
+    return out
+
+
+_PROBE_TOOLS = [
+    {"type": "function", "function": {"name": n, "description": f"Probe tool {n}.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+    for n in ("lab_probe_weather", "lab_probe_clock")
+]  # fmt: skip
+
+
+def tool_support(tokenizer) -> str | None:
+    """Return None when the chat template renders tools, tool calls and tool results; else what it cannot do."""
+    messages = [
+        {"role": "user", "content": "Weather in Zqville?"},
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"type": "function", "function": {"name": "lab_probe_weather", "arguments": {"city": "Zqville"}}}]},
+        {"role": "tool", "content": "lab-probe-result: 21 C", "name": "lab_probe_weather"},
+        {"role": "assistant", "content": "It is 21 C."},
+    ]  # fmt: skip
+    try:
+        text = tokenizer.apply_chat_template(messages, tools=_PROBE_TOOLS, tokenize=False)
+    except Exception as e:  # the template is code: whatever it raises means it cannot take this chat
+        return f"it raises {type(e).__name__} on a chat with tools ({str(e)[:80]})"
+    if "lab_probe_clock" not in text:
+        return "it drops the tool list (tools=) without a word"
+    if "Zqville\"" not in text and "Zqville'" not in text:
+        return "it drops the assistant's tool calls"
+    if "lab-probe-result" not in text:
+        return "it drops the tool results"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- template
@@ -217,10 +484,10 @@ def ensure_chat_template(tokenizer) -> bool:
     return True
 
 
-def _render(tokenizer, messages: list[dict]) -> str:
+def _render(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
     """Return the conversation rendered by the tokenizer's chat template, or raise RowError(template_rejected)."""
     try:
-        return tokenizer.apply_chat_template(messages, tokenize=False)
+        return tokenizer.apply_chat_template(messages, tools=tools, tokenize=False)
     except Exception as exc:  # the template is code run on row data: any failure is this row's
         raise RowError("template_rejected", f"chat template raised {type(exc).__name__}: {exc}") from exc
 
@@ -251,16 +518,23 @@ def _end_of_turn(tokenizer) -> tuple[str, ...]:
     return _EOT_CACHE[key]
 
 
-def _content_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int, int]] | None:
-    """Return the character span of each assistant content in `text`, or None if they cannot be located."""
-    asst = [m["content"] for m in messages if m["role"] == "assistant"]
+def _plain(m: dict) -> bool:
+    """Return True for an assistant turn that is only content (no tool calls, no trace in a field of its own)."""
+    return m["role"] == "assistant" and not m.get("tool_calls") and not m.get("reasoning_content") and not m.get("thinking")
+
+
+def _content_spans(
+    tokenizer, messages: list[dict], text: str, tools: list[dict] | None = None
+) -> list[tuple[int, int]] | None:
+    """Return the character span of each plain assistant content in `text`, or None if they cannot be located."""
+    asst = [m["content"] for m in messages if _plain(m)]
     marked, k = [], 0
     for m in messages:
-        if m["role"] == "assistant":
+        if _plain(m):
             m, k = {**m, "content": _SENTINEL.format(k)}, k + 1
         marked.append(m)
     try:
-        parts = _SENTINEL_RE.split(tokenizer.apply_chat_template(marked, tokenize=False))
+        parts = _SENTINEL_RE.split(tokenizer.apply_chat_template(marked, tools=tools, tokenize=False))
     except Exception:
         parts = []
     spans, cursor = [], 0
@@ -281,8 +555,10 @@ def _content_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int
             return spans
     spans, cursor = [], 0  # the layout depends on the content: search forward, user turns move the cursor
     for m in messages:
+        if m["role"] == "assistant" and not _plain(m):
+            continue  # located by _structured_spans
         for cand in dict.fromkeys((m["content"], m["content"].strip())):
-            at = text.find(cand, cursor) if m["role"] != "system" else -1
+            at = text.find(cand, cursor) if m["role"] != "system" and cand else -1
             if at >= 0:
                 cursor = at + len(cand)
                 if m["role"] == "assistant":
@@ -294,7 +570,40 @@ def _content_spans(tokenizer, messages: list[dict], text: str) -> list[tuple[int
     return spans
 
 
-def _generation_spans(tokenizer, messages: list[dict], text: str, enc) -> list[tuple[int, int]]:
+def _structured_spans(
+    tokenizer, messages: list[dict], text: str, tools: list[dict] | None = None
+) -> list[tuple[int, int]] | None:
+    """Return the span of each assistant turn with tool calls or a trace field in `text`, or None if one cannot be found.
+
+    The turn is rendered again as a plain sentinel answer (twice, with sentinels that differ in their first
+    and last characters); the text before the first and after the last difference is the template's own,
+    so what lies between is what the turn itself wrote: its trace, content and tool calls, as rendered.
+    """
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant" or _plain(m):
+            continue
+        starts, ends = [], []
+        for sentinel in (_SENTINEL.format("turn"), "##lab_utils.chat.turn##"):
+            alt = [*messages[:i], {"role": "assistant", "content": sentinel}, *messages[i + 1 :]]
+            try:
+                other = tokenizer.apply_chat_template(alt, tools=tools, tokenize=False)
+            except Exception:
+                return None
+            head = len(os.path.commonprefix([text, other]))
+            tail = len(os.path.commonprefix([text[head:][::-1], other[head:][::-1]]))
+            starts.append(head)
+            ends.append(len(text) - tail)
+        a, b = min(starts), max(ends)
+        if a >= b:
+            return None  # the template writes nothing of this turn
+        spans.append((a, b))
+    return spans
+
+
+def _generation_spans(
+    tokenizer, messages: list[dict], text: str, enc, tools: list[dict] | None = None
+) -> list[tuple[int, int]]:
     """Return the character spans of a template's `{% generation %}` blocks via transformers' assistant mask.
 
     The mask is transformers' own (`apply_chat_template(..., return_assistant_tokens_mask=True)`: the
@@ -307,6 +616,7 @@ def _generation_spans(tokenizer, messages: list[dict], text: str, enc) -> list[t
 
         rendered, indices = render_jinja_template(
             conversations=[messages],
+            tools=tools,
             chat_template=tokenizer.get_chat_template(),
             return_assistant_tokens_mask=True,
             **tokenizer.special_tokens_map,
@@ -323,7 +633,7 @@ def _generation_spans(tokenizer, messages: list[dict], text: str, enc) -> list[t
             runs.append((first, last + 1 if last else len(offsets)))
     else:
         out = tokenizer.apply_chat_template(
-            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+            messages, tools=tools, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
         )
         mask = list(out["assistant_masks"])
         for i, bit in enumerate(mask if len(mask) == len(offsets) else []):
@@ -378,12 +688,14 @@ def _token_mask(text: str, offsets: list, spans: list[tuple[int, int]]) -> list[
     return mask
 
 
-def _assistant_mask(tokenizer, messages: list[dict], text: str, enc) -> list[int]:
+def _assistant_mask(tokenizer, messages: list[dict], text: str, enc, tools: list[dict] | None = None) -> list[int]:
     """Return the assistant mask over the tokens of `enc`, the encoding of the rendered `text` (module docstring)."""
     offsets = list(enc["offset_mapping"])
-    spans = _content_spans(tokenizer, messages, text)
+    spans = _content_spans(tokenizer, messages, text, tools)
+    structured = _structured_spans(tokenizer, messages, text, tools) if spans is not None else None
+    spans = sorted(spans + structured) if spans is not None and structured is not None else None
     if _GENERATION_TAG.search(tokenizer.get_chat_template()):
-        gen = _generation_spans(tokenizer, messages, text, enc)
+        gen = _generation_spans(tokenizer, messages, text, enc, tools)
         if gen and not (spans and all(any(a <= s and e <= b for a, b in gen) for s, e in spans)):
             # the content is not where the markers say (or cannot be found): the markers know better
             trim = [
@@ -413,10 +725,30 @@ def _assistant_mask(tokenizer, messages: list[dict], text: str, enc) -> list[int
     return _token_mask(text, offsets, merged)
 
 
+def _check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | None) -> None:
+    """Raise RowError(tools_not_rendered) when a tool or a call's function name is missing from the rendered text."""
+    calls = [c["function"]["name"] for m in messages for c in m.get("tool_calls") or []]
+    missing = [n for n in dict.fromkeys(tool_names(tools) + calls) if n not in text]
+    if missing:
+        raise RowError(
+            "tools_not_rendered",
+            f"the chat template wrote no trace of {', '.join(map(repr, missing[:3]))}; "
+            "fix: use a model whose chat template takes tools",
+        )
+
+
 def tokenize_chat(
-    tokenizer, messages: list[dict], max_length: int | None = None, on_too_long: str = "drop"
+    tokenizer,
+    messages: list[dict],
+    max_length: int | None = None,
+    on_too_long: str = "drop",
+    tools: list[dict] | None = None,
 ) -> dict:
-    """Return {'input_ids', 'assistant_masks'} (same length) for standardized messages, or raise RowError."""
+    """Return {'input_ids', 'assistant_masks'} (same length) for standardized messages (and tools), or raise RowError.
+
+    Tool calls and thinking traces are the assistant's and carry loss; tool results, the tool list
+    (written by the template, usually into the system turn) and user turns do not.
+    """
     if on_too_long not in ("drop", "truncate"):
         raise ValueError(f"on_too_long must be 'drop' or 'truncate', got {on_too_long!r}; fix: pick one")
     if not messages:
@@ -439,10 +771,12 @@ def tokenize_chat(
                 f"tokenize_chat needs character offsets; got the slow tokenizer {type(tokenizer).__name__}; "
                 "fix: load a fast tokenizer (AutoTokenizer.from_pretrained(name), the transformers 5 default)"
             )
-        text = _render(tokenizer, messages)
+        messages = template_messages(tokenizer, messages)
+        text = _render(tokenizer, messages, tools)
+        _check_tools_rendered(text, messages, tools)
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        mask = _assistant_mask(tokenizer, messages, text, enc)
+        mask = _assistant_mask(tokenizer, messages, text, enc, tools)
         if not any(mask):
             raise RowError("no_assistant_turn", "no token of the rendered chat belongs to an assistant turn")
     if max_length is not None and len(ids) > max_length:

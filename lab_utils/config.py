@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Any
 
 from .chat import FORMATS as CHAT_FORMATS
-from .chat import ROLES
+from .chat import REASONING, ROLES
 from .defaults import PROFILES
-from .embedded import EMBEDDED_DATA, EMBEDDED_MODEL
+from .embedded import EMBEDDED_DATA, EMBEDDED_DATASETS, EMBEDDED_MODEL
 from .errors import LabError
 from .export import CONVERTER_OUTTYPES, EXPORT_PARTS
 
@@ -67,6 +67,7 @@ DEFAULTS: dict[str, Any] = {
         "on_too_long": "drop",
         "max_drop_fraction": 0.5,
         "seed": 42,
+        "reasoning": "keep",  # thinking traces (reasoning_content / thinking / <think>): keep (trained) or drop
     },
     "lora": {"r": 32, "lora_alpha": 64, "lora_dropout": 0.1, "target_modules": "all-linear"},
     "train": {
@@ -175,6 +176,7 @@ _OWN_TYPES: dict[str, tuple[set[str], tuple | None]] = {
     "data.on_too_long": ({"str"}, ("drop", "truncate")),
     "data.max_drop_fraction": ({"float"}, None),
     "data.seed": ({"int"}, None),
+    "data.reasoning": ({"str"}, REASONING),
     "checkpoint.save_every_minutes": ({"float"}, None),
     "checkpoint.min_free_gib": ({"float"}, None),
     "eval.num_generations": ({"int"}, None),
@@ -720,9 +722,11 @@ def check_profile(name: Any, origin: str = "profile") -> None:
     )
 
 
-def _check_embedded(key: str, name: str, known: str) -> None:
-    if name.startswith("embedded:") and name != known:
-        raise LabError(f"{key} {name!r} is not a built-in name — the embedded one is {known!r}")
+def _check_embedded(key: str, name: str, known: str | tuple[str, ...]) -> None:
+    names = known if isinstance(known, tuple) else (known,)
+    if name.startswith("embedded:") and name not in names:
+        raise LabError(f"{key} {name!r} is not a built-in name — the embedded one{'s are' if len(names) > 1 else ' is'} "
+                       f"{', '.join(map(repr, names))}")
 
 
 def validate(cfg: dict) -> dict:
@@ -745,10 +749,10 @@ def validate(cfg: dict) -> dict:
     check_run_name(cfg.get("run_name"))
     check_profile(cfg.get("profile", "auto"))
     m, d, e, x = (cfg.get(k, {}) for k in ("model", "data", "eval", "export"))
-    for key, section, known in (("model.name", m, EMBEDDED_MODEL), ("data.path", d, EMBEDDED_DATA)):
+    for key, section, known in (("model.name", m, EMBEDDED_MODEL), ("data.path", d, EMBEDDED_DATASETS)):
         value = section.get("name" if key == "model.name" else "path")
         if not isinstance(value, str) or not value.strip():
-            raise LabError(f"{key} must be a hub id or a local path, got {value!r} — e.g. {known}")
+            raise LabError(f"{key} must be a hub id or a local path, got {value!r} — e.g. {known if isinstance(known, str) else known[0]}")
         _check_embedded(key, value, known)
     if m.get("tokenizer"):
         _check_embedded("model.tokenizer", m["tokenizer"], EMBEDDED_MODEL)

@@ -46,12 +46,17 @@ from . import __version__
 from .chat import (
     CONVERSATION_COLUMNS,
     FORMATS,
+    RECORD_FIELDS,
     RowError,
     _role_map,
+    describe_tools,
     detect_format,
     ensure_chat_template,
     standardize,
+    standardize_tools,
+    to_record,
     tokenize_chat,
+    tool_support,
 )
 from .embedded import is_embedded, resolve_data
 from .errors import LabError
@@ -69,7 +74,7 @@ __all__ = [
 ]
 
 LOCAL_TYPES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".tsv": "csv", ".parquet": "parquet"}
-PROCESSING_VERSION = "2"  # bump when the processed rows change for the same inputs
+PROCESSING_VERSION = "3"  # bump when the processed rows change for the same inputs
 EXAMPLES_PER_REASON = 3
 MALFORMED = "__lab_malformed_json__"  # column that marks a JSONL line that was not a JSON object
 AUTO_NUM_PROC_ROWS = 20_000  # below this, worker start-up costs more than it saves
@@ -88,6 +93,9 @@ _FIXES = {
     "template_rejected": "check the tokenizer's chat template",
     "too_long": "raise model.max_length or set data.on_too_long: truncate",
     "duplicate": "remove the repeated rows",
+    "bad_tool_call": "write each function call as JSON with a name and an arguments object",
+    "bad_tools": "write the tools column as a JSON list of functions with a name each",
+    "tools_not_rendered": "use a model whose chat template takes tools (e.g. Qwen2.5 or Llama 3.1 Instruct)",
 }
 # Columns each forced format needs (any one of a tuple).
 _NEEDS = {
@@ -430,13 +438,33 @@ def _decode_json_cell(row: dict) -> dict:
     return row
 
 
+def _tool_counts(messages: list[dict], tools: list[dict] | None, stats: dict) -> dict[str, Any]:
+    """Return the bookkeeping columns of one row: tools offered, tool calls made, tool results, thinking traces."""
+    return {
+        "_tools": len(tools or []),
+        "_calls": sum(len(m.get("tool_calls") or []) for m in messages),
+        "_results": sum(m["role"] == "tool" for m in messages),
+        "_reasoning": bool(stats.get("reasoning")),
+    }
+
+
 def _process_batch(
-    batch: dict, indices: list[int], *, fmt, role_map, system_prompt, tokenizer, max_length, on_too_long
+    batch: dict,
+    indices: list[int],
+    *,
+    fmt,
+    role_map,
+    system_prompt,
+    tokenizer,
+    max_length,
+    on_too_long,
+    reasoning="keep",
 ):
     keys = list(batch)
     out: dict[str, list] = {
-        "input_ids": [], "assistant_masks": [], "messages": [],
+        "input_ids": [], "assistant_masks": [], "messages": [], "tools": [],
         "_drop": [], "_row": [], "_hash": [], "_len": [], "_cut": [],
+        "_tools": [], "_calls": [], "_results": [], "_reasoning": [],
     }  # fmt: skip
     for i, idx in enumerate(indices):
         row = {k: batch[k][i] for k in keys}
@@ -444,8 +472,10 @@ def _process_batch(
         try:
             if row.get(MALFORMED) is not None:  # "detail\texcerpt", written by _load_json
                 raise RowError("malformed_json", row[MALFORMED])
-            messages = standardize(_decode_json_cell(row), fmt, role_map, system_prompt)
-            toks = tokenize_chat(tokenizer, messages)
+            stats: dict = {}
+            messages = standardize(_decode_json_cell(row), fmt, role_map, system_prompt, reasoning, stats)
+            tools = standardize_tools(row.get("tools")) if fmt != "text" else None
+            toks = tokenize_chat(tokenizer, messages, tools=tools)
             ids, mask = toks["input_ids"], toks["assistant_masks"]
             n_tokens = len(ids)
             if n_tokens > max_length:
@@ -460,16 +490,22 @@ def _process_batch(
                         "too_long",
                         f"{n_tokens} tokens; no assistant token is left after cutting to {max_length}",
                     )
-            key = json.dumps(messages, sort_keys=True, ensure_ascii=False).encode()
+            key = json.dumps([messages, tools], sort_keys=True, ensure_ascii=False).encode()
             out["input_ids"].append(ids)
             out["assistant_masks"].append(mask)
-            out["messages"].append(messages)
+            out["messages"].append(to_record(messages))
+            out["tools"].append(json.dumps(tools, ensure_ascii=False) if tools else None)
+            for k, v in _tool_counts(messages, tools, stats).items():
+                out[k].append(v)
             out["_drop"].append("")
             out["_hash"].append(hashlib.blake2b(key, digest_size=12).hexdigest())
         except RowError as e:
             out["input_ids"].append([])
             out["assistant_masks"].append([])
             out["messages"].append([])
+            out["tools"].append(None)
+            for k, v in _tool_counts([], None, {}).items():
+                out[k].append(v)
             detail, excerpt = (
                 (e.detail.split("\t", 1) + [""])[:2] if row.get(MALFORMED) else (e.detail, _excerpt(row))
             )
@@ -488,12 +524,17 @@ def _features():
         {
             "input_ids": List(Value("int32")),  # int32: any vocabulary fits, half of int64 on Drive
             "assistant_masks": List(Value("int8")),
-            "messages": List({"role": Value("string"), "content": Value("string")}),
+            "messages": List({k: Value("string") for k in RECORD_FIELDS}),  # tool_calls as JSON text
+            "tools": Value("string"),  # the row's tool list as JSON text, or None
             "_drop": Value("string"),
             "_row": Value("int64"),
             "_hash": Value("string"),
             "_len": Value("int32"),
             "_cut": Value("bool"),
+            "_tools": Value("int32"),
+            "_calls": Value("int32"),
+            "_results": Value("int32"),
+            "_reasoning": Value("bool"),
         }
     )
 
@@ -533,7 +574,60 @@ def _choose_format(d: dict, ds) -> tuple[str, str]:
     ]
     if encoded and fmt in ("sharegpt", "messages"):
         why += " (conversations written as JSON text, decoded per row)"
+    if fmt != "text" and (tools := describe_tools(columns, sample)):
+        why += f"; {tools}"
     return fmt, why
+
+
+_TOOL_COLUMNS = ("_tools", "_calls", "_results", "_reasoning")
+
+
+def _check_tool_template(cfg: dict, tokenizer) -> None:
+    """Raise a one-line LabError when the tokenizer's chat template cannot render tools, calls or tool results."""
+    problem = tool_support(tokenizer)
+    if problem:
+        name = cfg["model"].get("tokenizer") or cfg["model"]["name"]
+        raise LabError(
+            f"the data holds tool calls, but the chat template of {name!r} cannot train on them: {problem} — "
+            "use a model whose template takes tools (e.g. Qwen/Qwen2.5-1.5B-Instruct, meta-llama/Llama-3.2-1B-Instruct), "
+            "or set model.tokenizer to one; no row is trained without its tools"
+        )
+
+
+def _count_tools(stats: Counter, calls_per_row: list[int], tools: int, calls: int, results: int, reasoning: bool) -> None:
+    """Add one kept row's tool and reasoning counts to the running totals."""
+    stats["rows_with_tools"] += tools > 0
+    stats["rows_with_tool_calls"] += calls > 0
+    stats["tool_calls"] += calls
+    stats["tool_results"] += results
+    stats["reasoning_rows"] += reasoning
+    if calls:
+        calls_per_row.append(calls)
+
+
+def _tool_report(stats: Counter, calls_per_row: list[int], reasoning: str) -> dict[str, Any]:
+    """Return the report's tool-calling and reasoning counts over the kept rows."""
+    keys = ("rows_with_tools", "rows_with_tool_calls", "tool_calls", "tool_results", "reasoning_rows")
+    out: dict[str, Any] = {k: int(stats[k]) for k in keys}
+    out["tool_calls_per_row"] = (
+        {"mean": round(sum(calls_per_row) / len(calls_per_row), 2), "max": max(calls_per_row)}
+        if calls_per_row
+        else {"mean": 0, "max": 0}
+    )  # over the rows that call a tool
+    out["reasoning"] = reasoning
+    return out
+
+
+def _tool_line(tools: dict | None) -> str | None:
+    """Return one line on tool calls and thinking traces in the kept rows, or None when there are neither."""
+    if not tools or not (tools["rows_with_tools"] or tools["tool_calls"] or tools["reasoning_rows"]):
+        return None
+    per = tools["tool_calls_per_row"]
+    return (
+        f"Tool calling: {tools['rows_with_tools']} rows with tools, {tools['tool_calls']} tool calls "
+        f"(mean {per['mean']}, max {per['max']} per calling row), {tools['tool_results']} tool results; "
+        f"thinking traces in {tools['reasoning_rows']} rows (data.reasoning: {tools['reasoning']})"
+    )
 
 
 def _auto_num_proc(rows: int) -> int | None:
@@ -652,6 +746,8 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
                 )
                 print(f"Format: {old.get('format')} ({old.get('format_reason')})")
                 print(_summary_line(old))
+                if line := _tool_line(old.get("tools")):
+                    print(line)
                 return cached
         else:
             print(
@@ -662,6 +758,8 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     print(f"Source: {where}")
     fmt, why = _choose_format(d, raw["train"])
     print(f"Format: {fmt} ({why})")
+    if "tool calling:" in why:
+        _check_tool_template(cfg, tokenizer)
 
     reasons: Counter = Counter()
     examples: dict[str, list] = {}
@@ -669,6 +767,8 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     kept_splits = {}
     lengths_before: list[int] = []  # every row that got tokenized and is not a duplicate, full length
     lengths_kept: list[int] = []
+    tool_stats: Counter = Counter()
+    calls_per_row: list[int] = []
     total_in = 0
     seen: set[str] = set()
     for split, ds in raw.items():
@@ -689,14 +789,15 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
                 tokenizer=tokenizer,
                 max_length=max_length,
                 on_too_long=on_too_long,
+                reasoning=d.get("reasoning", "keep"),
             ),
             desc=f"Validating and tokenizing {split}",
         )
         # only the small bookkeeping columns come into Python; the token lists stay in the Arrow file
-        info = processed.select_columns(["_drop", "_hash", "_row", "_len", "_cut"]).to_dict()
+        info = processed.select_columns(["_drop", "_hash", "_row", "_len", "_cut", *_TOOL_COLUMNS]).to_dict()
         keep = []
-        for i, (drop, hsh, row, n, cut) in enumerate(
-            zip(info["_drop"], info["_hash"], info["_row"], info["_len"], info["_cut"], strict=True)
+        for i, (drop, hsh, row, n, cut, *tool) in enumerate(
+            zip(*(info[c] for c in ("_drop", "_hash", "_row", "_len", "_cut", *_TOOL_COLUMNS)), strict=True)
         ):
             if not drop and hsh in seen:
                 first = json.dumps(processed[i]["messages"], ensure_ascii=False)
@@ -713,6 +814,7 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
                 continue
             seen.add(hsh)
             keep.append(i)
+            _count_tools(tool_stats, calls_per_row, *tool)
             lengths_kept.append(min(n, max_length))
             if cut:
                 truncated["rows"] += 1
@@ -720,9 +822,9 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
                     truncated["examples"].append(
                         {"split": split, "row": int(row), "detail": f"{n} tokens cut to {max_length}"}
                     )
-        kept_splits[split] = processed.select(keep).select_columns(
-            ["input_ids", "assistant_masks", "messages"]
-        )
+        kept_splits[split] = processed.select(keep)
+    columns = ["input_ids", "assistant_masks", "messages"] + ["tools"] * bool(tool_stats["rows_with_tools"])
+    kept_splits = {k: v.select_columns(columns) for k, v in kept_splits.items()}  # a 'tools' column for tool data
 
     kept = sum(len(v) for v in kept_splits.values())
     dropped = total_in - kept
@@ -749,11 +851,14 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
         "suggestion": _suggestion(before, fits, max_length, on_too_long),
         "qlora_lab": __version__,
         "examples": examples,
+        "tools": _tool_report(tool_stats, calls_per_row, d.get("reasoning", "keep")),
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     if lengths_before:
         _plot_lengths(lengths_before, max_length, out_dir / "lengths.png")
     print(_summary_line(report))
+    if line := _tool_line(report["tools"]):
+        print(line)
 
     stop = None
     top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
@@ -867,6 +972,15 @@ def report_table(report: dict) -> list[dict[str, Any]]:
                 "first example": f"row {ex.get('row')}: {ex.get('detail', '')}",
             }
         )
+    tools = report.get("tools") or {}
+    for key, what in (
+        ("rows_with_tools", "kept rows with tools"),
+        ("tool_calls", "tool calls in kept rows"),
+        ("tool_results", "tool results in kept rows (no loss)"),
+        ("reasoning_rows", f"kept rows with thinking traces ({tools.get('reasoning', 'keep')})"),
+    ):
+        if tools.get(key):
+            rows.append({"what": what, "rows": tools[key], "share": "", "first example": ""})
     cut = report.get("truncated") or {}
     if cut.get("rows"):
         ex = (cut.get("examples") or [{}])[0]

@@ -21,6 +21,7 @@ import random
 import shutil
 from pathlib import Path
 
+from .chat import chatml_template
 from .errors import LabError
 
 __all__ = [
@@ -31,11 +32,15 @@ __all__ = [
     "resolve_data",
     "tokenizer_dir",
     "pricer_rows",
+    "tool_rows",
+    "EMBEDDED_TOOLS",
     "parse_price",
 ]
 
 EMBEDDED_MODEL = "embedded:tiny-llama"
 EMBEDDED_DATA = "embedded:pricer"
+EMBEDDED_TOOLS = "embedded:tools"  # a small tool-calling task: pick the tool, fill its arguments
+EMBEDDED_DATASETS = (EMBEDDED_DATA, EMBEDDED_TOOLS)
 
 # The tiny model's shape: small enough to train on 2 CPU cores in minutes, Llama in every detail
 # that matters to the tooling (GQA, RoPE, SwiGLU MLP, untied head, SentencePiece vocab).
@@ -140,6 +145,82 @@ def pricer_rows(n: int = DATA_ROWS, seed: int = DATA_SEED) -> list[dict]:
     return rows
 
 
+# The embedded tool-calling task: three tools; every row ends on the call the model should make.
+TOOLS_ROWS = 400
+TOOLS = [
+    {"type": "function", "function": {"name": name, "description": desc, "parameters": {
+        "type": "object", "properties": {p: {"type": t} for p, t in params}, "required": [p for p, _ in params]}}}
+    for name, desc, params in (
+        ("get_weather", "Sky in a city", [("city", "string")]),
+        ("convert_price", "Dollars to a currency", [("amount", "number"), ("to", "string")]),
+        ("get_time", "Time in a city", [("city", "string")]),
+    )
+]  # fmt: skip
+CITIES = ["Paris", "Oslo", "Lima", "Tokyo", "Cairo", "Quito", "Perth", "Dakar", "Riga", "Hanoi"]
+CURRENCIES = ["EUR", "USD", "GBP", "JPY"]
+
+
+def _tool_question(rng: random.Random) -> tuple[str, dict]:
+    """Return (a user question, the call that answers it) for one of the three tools."""
+    kind = rng.choice(["weather", "price", "time"])
+    if kind == "weather":
+        city = rng.choice(CITIES)
+        return rng.choice(["Weather in {}?", "Is it raining in {}?"]).format(city), {
+            "name": "get_weather", "arguments": {"city": city}}  # fmt: skip
+    if kind == "time":
+        city = rng.choice(CITIES)
+        return rng.choice(["Time in {}?", "What time is it in {}?"]).format(city), {
+            "name": "get_time", "arguments": {"city": city}}  # fmt: skip
+    amount, to = rng.choice([5, 12, 20, 75, 120, 300]), rng.choice(CURRENCIES)
+    return f"{amount} dollars in {to}?", {"name": "convert_price", "arguments": {"amount": amount, "to": to}}
+
+
+def _tool_result(call: dict) -> tuple[str, str]:
+    """Return (the deterministic JSON a tool answers a call with, the assistant's answer from it)."""
+    args = call["arguments"]
+    if call["name"] == "get_weather":
+        sky = ["sunny", "rainy", "cloudy"][len(args["city"]) % 3]
+        return json.dumps({"sky": sky}), f"It is {sky}."
+    if call["name"] == "get_time":
+        time = f"{(len(args['city']) * 5) % 24:02d}:00"
+        return json.dumps({"time": time}), f"It is {time}."
+    amount = round(args["amount"] * (1 + len(args["to"]) / 10), 2)
+    return json.dumps({"amount": amount}), f"That is {amount} {args['to']}."
+
+
+def tool_rows(n: int = TOOLS_ROWS, seed: int = DATA_SEED) -> list[dict]:
+    """Return `n` OpenAI-style rows (messages with tool_calls, role tool results, a tools list), the same for a seed.
+
+    Every row ends on the assistant's tool call (what 03 scores); about half first answer an earlier
+    question from its tool result, so rows hold results (no loss) and plain answers (loss) too.
+    """
+    rng = random.Random(seed)
+    rows: list[dict] = []
+    seen: set[str] = set()
+    while len(rows) < n:
+        messages: list[dict] = []
+        if rng.random() < 0.5:  # an earlier question, answered from its tool's result
+            question, call = _tool_question(rng)
+            result, answer = _tool_result(call)
+            messages += [
+                {"role": "user", "content": question},
+                {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+                {"role": "tool", "content": result},
+                {"role": "assistant", "content": answer},
+            ]
+        question, call = _tool_question(rng)
+        messages += [
+            {"role": "user", "content": question},
+            {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": call}]},
+        ]
+        key = json.dumps(messages)
+        if key in seen:
+            continue
+        seen.add(key)
+        rows.append({"messages": messages, "tools": TOOLS})
+    return rows
+
+
 def parse_price(text: str) -> float | None:
     """Return the first dollar amount in `text` ("Price is $120" → 120.0), or None."""
     import re
@@ -149,17 +230,22 @@ def parse_price(text: str) -> float | None:
 
 
 def resolve_data(path: str) -> str:
-    """Return a real file path for a data source: the embedded JSONL for `embedded:pricer`, an existing local
-    file or folder as an absolute path, else `path` (a hub id)."""
+    """Return a real file path for a data source: the embedded JSONL for `embedded:pricer` / `embedded:tools`, an
+    existing local file or folder as an absolute path, else `path` (a hub id)."""
     if not is_embedded(path):
         return absolute_if_local(path)
-    if path != EMBEDDED_DATA:
-        raise LabError(f"data.path {path!r} is not a built-in dataset — the embedded one is {EMBEDDED_DATA!r}")
-    out = cache_root() / f"pricer-{DATA_SEED}-{DATA_ROWS}.jsonl"
+    if path not in EMBEDDED_DATASETS:
+        raise LabError(
+            f"data.path {path!r} is not a built-in dataset — the embedded ones are {', '.join(map(repr, EMBEDDED_DATASETS))}"
+        )
+    if path == EMBEDDED_TOOLS:
+        out, make = cache_root() / f"tools-{DATA_SEED}-{TOOLS_ROWS}.jsonl", tool_rows
+    else:
+        out, make = cache_root() / f"pricer-{DATA_SEED}-{DATA_ROWS}.jsonl", pricer_rows
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in pricer_rows()))
+        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # two notebooks may build it at once
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in make()))
         tmp.replace(out)
     return str(out)
 
@@ -219,18 +305,8 @@ def _build_tiny_llama(out: Path) -> None:
 
 # ---------------------------------------------------------------- building the shipped tokenizer
 
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{%- if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{%- else %}"
-    "{{ message['content'] + '<|im_end|>' + '\n' }}"
-    "{%- endif %}"
-    "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{%- endif %}"
-)
+# ChatML ending turns with <|im_end|>, with tools= and thinking traces (see lab_utils.chat.chatml_template).
+CHAT_TEMPLATE = chatml_template("'<|im_end|>'", bos=True)
 
 
 def build_tokenizer(out: Path, vocab_size: int = 512) -> None:

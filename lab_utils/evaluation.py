@@ -56,6 +56,7 @@ __all__ = [
     "verdict",
     "generations_table",
     "export_adapter_source",
+    "parse_tool_calls",
 ]
 
 EVAL_VERSION = "2"  # bump when a cached part would now be computed differently
@@ -70,8 +71,10 @@ METRICS = {
     "and a final . or !",
     "regex": "regex_match: share whose eval.metric_pattern match (group 1, else the whole match) equals the "
     "reference's; regex_found: share of answers where the pattern matches at all",
+    "tool_call": "tool_call_match: share of answers that call the reference's functions with its arguments "
+    "(names and parsed JSON arguments equal); tool_call_parsed: share of answers that hold a call",
     "auto": "price when every reference holds a $ amount, number when every reference is a bare number, "
-    "else exact_match",
+    "tool_call when every reference is a tool call, else exact_match",
 }
 _NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _BARE_NUMBER_RE = re.compile(r"^\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*$")
@@ -109,6 +112,30 @@ def parse_number(text: str, pattern: str | None = None) -> float | None:
 def normalize_answer(text: str) -> str:
     """Return text casefolded, whitespace collapsed and a final '.' or '!' dropped (for exact_match)."""
     return " ".join(text.casefold().split()).rstrip(".!").rstrip()
+
+
+def parse_tool_calls(text: str) -> list[dict] | None:
+    """Return the function calls in text as [{'name', 'arguments': dict}] (JSON objects with a name and
+    arguments/parameters, e.g. inside <tool_call> tags), or None when it holds none."""
+    decoder, calls, i = json.JSONDecoder(), [], text.find("{")
+    while i >= 0:
+        try:
+            obj, end = decoder.raw_decode(text, i)
+        except ValueError:
+            i = text.find("{", i + 1)
+            continue
+        args = obj.get("arguments", obj.get("parameters")) if isinstance(obj, dict) else None
+        if isinstance(args, str):
+            try:
+                args = json.loads(args)
+            except ValueError:
+                args = None
+        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(args, dict):
+            calls.append({"name": obj["name"], "arguments": args})
+            i = text.find("{", end)
+        else:
+            i = text.find("{", i + 1)
+    return calls or None
 
 
 def _check_pattern(pattern: str | None, kind: str) -> re.Pattern | None:
@@ -153,6 +180,15 @@ def task_metrics(predictions: list[str], references: list[str], kind: str = "pri
     if kind == "exact_match":
         hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
         return {"exact_match": hits / len(references)}
+    if kind == "tool_call":
+        hits = parsed = n = 0
+        for p, r in zip(predictions, references, strict=True):
+            want = parse_tool_calls(r)
+            if want is None:
+                continue  # a reference that calls nothing cannot be scored
+            got = parse_tool_calls(p)
+            n, parsed, hits = n + 1, parsed + (got is not None), hits + (got == want)
+        return {"tool_call_match": hits / n if n else math.nan, "tool_call_parsed": parsed / n if n else math.nan}
     if kind == "regex":
         rx = _check_pattern(pattern, kind)
 
@@ -179,6 +215,8 @@ def metric_kind(cfg: dict, references: list[str]) -> str:
         return "price"
     if references and all(_BARE_NUMBER_RE.match(r) for r in references):
         return "number"
+    if references and all(parse_tool_calls(r) for r in references):
+        return "tool_call"
     return "exact_match"
 
 
@@ -254,9 +292,15 @@ def assistant_loss(model, dataset, batch_size: int = 16, pad_id: int = 0, max_ba
 
 
 def prompt_and_reference(messages: list[dict]) -> tuple[list[dict], str]:
-    """Return (the conversation up to its last assistant turn, that turn's text)."""
+    """Return (the conversation up to its last assistant turn, that turn's text; a tool call as JSON lines)."""
+    from .chat import call_text, from_record
+
+    messages = from_record(messages)
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
+    answer = messages[last]
+    if answer.get("tool_calls"):
+        return messages[:last], "\n".join(filter(None, [answer["content"], call_text(answer["tool_calls"])]))
+    return messages[:last], answer["content"]
 
 
 def stop_token_ids(tokenizer, model=None) -> list[int]:
@@ -295,20 +339,32 @@ def _clean(text: str, tokenizer) -> str:
     return text.strip()
 
 
-def render_prompt(tokenizer, messages: list[dict]) -> str:
-    """Return the chat template applied to messages with the assistant's generation prompt appended."""
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def render_prompt(tokenizer, messages: list[dict], tools: list[dict] | None = None) -> str:
+    """Return the chat template applied to messages (and tools) with the assistant's generation prompt appended."""
+    from .chat import template_messages
+
+    messages = template_messages(tokenizer, messages)
+    return tokenizer.apply_chat_template(messages, tools=tools or None, tokenize=False, add_generation_prompt=True)
 
 
 def generate(
-    model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 16, seed: int = 0
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    seed: int = 0,
+    tools: list[list[dict] | None] | None = None,
 ) -> list[str]:
-    """Return greedy completions (assistant text only) for chat prompts, batched by length with left padding."""
+    """Return greedy completions (assistant text only) for chat prompts, batched by length with left padding.
+
+    tools: each prompt's tool list (None: no tools), rendered by the chat template as in training.
+    """
     import torch
 
     device = _device(model)
     stop = stop_token_ids(tokenizer, model)
-    texts = [render_prompt(tokenizer, p) for p in prompts]
+    texts = [render_prompt(tokenizer, p, tools[i] if tools else None) for i, p in enumerate(prompts)]
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     outs: list[str] = [""] * len(texts)
     old_side = tokenizer.padding_side
@@ -469,7 +525,11 @@ def evaluate_run(
     fp = _validation_fingerprint(ds, cfg)
     prompts, refs = map(list, zip(*[prompt_and_reference(m) for m in ds["messages"]], strict=True))
     kind = metric_kind(cfg, refs)
+    tools = [json.loads(t) if t else None for t in ds["tools"]] if "tools" in ds.column_names else None
     rows = list(zip(ds["input_ids"], ds["assistant_masks"], strict=True))
+    if kind == "tool_call" and (need := max(_last_answer_tokens(m) for _, m in rows)) > max_new:
+        print(f"Tool calls need up to {need} new tokens: generating up to {need} (eval.max_new_tokens is {max_new})")
+        max_new = need
     sample = f"{len(ds)} of {len(val)} validation rows" if len(ds) < len(val) else f"all {len(ds)} validation rows"
     print(f"Evaluating on {sample} (seed {seed}); task metric: {kind}")
 
@@ -521,9 +581,9 @@ def evaluate_run(
             m = model()
             if adapter is None:
                 with m.disable_adapter():
-                    return generate(m, loaded["tok"], prompts, max_new, batch_size, seed)
+                    return generate(m, loaded["tok"], prompts, max_new, batch_size, seed, tools)
             m.set_adapter(adapter, inference_mode=True)
-            return generate(m, loaded["tok"], prompts, max_new, batch_size, seed)
+            return generate(m, loaded["tok"], prompts, max_new, batch_size, seed, tools)
 
         return compute
 
@@ -593,6 +653,8 @@ def evaluate_run(
                "base": base_preds[k], "tuned": tuned_preds[k]}
         if with_best:
             row["best"] = best_preds[k]
+        if kind == "tool_call":  # a call is shown as the structured call it makes, text that calls nothing as is
+            row.update({c: _shown_call(row[c]) for c in ("reference", "base", "tuned", "best") if c in row})
         lines.append(json.dumps(row, ensure_ascii=False))
     run.eval_dir.mkdir(parents=True, exist_ok=True)
     tmp = run.eval_dir / "generations.jsonl.tmp"
@@ -604,6 +666,23 @@ def evaluate_run(
 
 
 # ---------------------------------------------------------------------------------------------- showing results
+
+
+def _last_answer_tokens(mask: list[int]) -> int:
+    """Return the length of the last run of assistant tokens in a mask (the reference answer and its end of turn)."""
+    n = 0
+    for bit in reversed(mask):
+        if bit:
+            n += 1
+        elif n:
+            break
+    return n
+
+
+def _shown_call(text: str) -> Any:
+    """Return the call(s) text makes as {'name', 'arguments'} (a list when several), else the text itself."""
+    calls = parse_tool_calls(text)
+    return text if calls is None else calls[0] if len(calls) == 1 else calls
 
 
 def _task_keys(metrics: dict) -> list[str]:

@@ -666,7 +666,7 @@ def test_empty_system_turn_is_dropped_instead_of_the_row():
          "non_string_content", "list"),
         ({"instruction": 5, "output": "x"}, "alpaca", "non_string_content", "int"),
         ({"text": 5}, "text", "non_string_content", "int"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "messages", "unknown_role", "'tool'"),
+        ({"messages": [{"role": "narrator", "content": "x"}]}, "messages", "unknown_role", "'narrator'"),
         ({"messages": [{"role": "user", "content": "hi"}]}, "messages", "no_assistant_turn", "no assistant"),
         ({"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
                        {"role": "user", "content": "and?"}]}, "messages", "ends_on_user", "ends on a user turn"),
