@@ -114,6 +114,9 @@ def trainer_kwargs(run, kwargs: dict[str, Any]) -> dict[str, Any]:
             raise LabError("train.report_to asks for tensorboard but it is not installed — pip install tensorboard")
         out.setdefault("logging_dir", str(tracking_dir(run) / "tensorboard" / run.name))
     if "trackio" in names:
+        if importlib.util.find_spec("trackio") is None:
+            raise LabError("train.report_to asks for trackio but it is not installed — pip install trackio==0.43.0, "
+                           "or set train.report_to: none")
         folder = tracking_dir(run)
         folder.mkdir(parents=True, exist_ok=True)
         _use_trackio_dir(folder)
