@@ -25,7 +25,7 @@ from typing import Any
 from .errors import LabError
 
 __all__ = ["PROJECT", "REPORT_TO", "check_report_to", "tracking_dir", "trainer_kwargs", "attach", "history",
-           "dashboard", "dashboard_command"]
+           "dashboard", "dashboard_command", "cli"]
 
 PROJECT = "qlora-lab"  # one trackio project for the whole lab
 REPORT_TO = ("trackio", "tensorboard", "wandb", "none")
@@ -300,3 +300,18 @@ def dashboard(run, launch: bool = False) -> str:
 
         trackio.show(project=PROJECT)
     return cmd
+
+
+def cli(argv: list[str]) -> int:
+    """`python -m lab_utils dashboard [RUN_NAME] [--launch]`: say how to open (or open) a run's dashboard."""
+    from .errors import LabError
+    from .run import start
+
+    names = [a for a in argv if not a.startswith("-")]
+    try:
+        run = start(names[0] if names else None, quiet=True)
+    except LabError as e:
+        print(f"✗ {e}", file=sys.stderr)
+        return 1
+    dashboard(run, launch="--launch" in argv)
+    return 0
