@@ -19,6 +19,7 @@ import math
 import os
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -175,6 +176,17 @@ def _delete_after(folder: Path, name: str, step: int) -> int:
     return n
 
 
+def _keep_aside(folder: Path, project: str, name: str) -> str | None:
+    """Rename an earlier tracked run `name` (a fresh start over it) to '<name>-before-<time>'; return the new name."""
+    if not _read(folder, name):
+        return None
+    from trackio.sqlite_storage import SQLiteStorage
+
+    new = f"{name}-before-{time.strftime('%Y%m%d-%H%M%S')}"
+    SQLiteStorage.rename_run(project, name, new)
+    return new
+
+
 def _trackio_callback_class():
     """Return transformers' TrackioCallback made resumable: rows keyed by optimizer step, reconciled on resume."""
     from transformers.integrations import TrackioCallback
@@ -204,6 +216,7 @@ def _trackio_callback_class():
             if not state.is_world_process_zero:
                 return
             name = args.run_name
+            kept = _keep_aside(self.folder, args.project, name) if state.global_step == 0 else None
             removed = _delete_after(self.folder, name, state.global_step)
             have = {(s, _kind(m)) for _, s, m in _read(self.folder, name)}
             missing = [(s, m) for s, m in _rows(state.log_history) if (s, _kind(m)) not in have]
@@ -212,7 +225,8 @@ def _trackio_callback_class():
                 self._trackio.log({**metrics, "train/global_step": step}, step=step)
             note = f"; {removed} row(s) after step {state.global_step} dropped (redone now)" if removed else ""
             fill = f"; {len(missing)} row(s) filled in from the checkpoint" if missing and have else ""
-            print(f"Tracking: trackio run {name!r} in {self.folder} (project {args.project}{note}{fill})")
+            kept = f"; the earlier tracked run without a checkpoint is kept as {kept!r}" if kept else ""
+            print(f"Tracking: trackio run {name!r} in {self.folder} (project {args.project}{note}{fill}{kept})")
 
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):
             if not self._initialized:

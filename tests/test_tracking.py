@@ -178,6 +178,59 @@ def test_training_summary_is_not_a_tracked_step():
     assert [(s, tracking._kind(m)) for s, m in rows] == [(3, "train"), (3, "eval")]
 
 
+def _trackio_args(tmp_path, name: str):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=str(tmp_path / "out"), report_to="none", run_name=name,
+                             project=tracking.PROJECT, logging_steps=1)
+
+
+def _log_rows(folder: Path, name: str, steps) -> None:
+    """Write tracked rows for `steps` through trackio itself, as an earlier session did."""
+    import trackio
+
+    tracking._use_trackio_dir(folder)
+    trackio.init(project=tracking.PROJECT, name=name, resume="allow", embed=False, auto_log_cpu=False)
+    for s in steps:
+        trackio.log({"train/loss": 10.0 + s, "train/global_step": s}, step=s)
+    trackio.finish()
+
+
+def test_resume_drops_rows_after_the_checkpoint_and_fills_missing_ones_before_it(tmp_path, capsys):
+    from transformers import TrainerControl
+
+    folder = tmp_path / "a" / "tracking"
+    _log_rows(folder, "r", [1, 3, 4, 5, 6])  # step 2 never reached the database; 5 and 6 come after checkpoint-4
+    cb = tracking._trackio_callback_class()(folder, None)
+    state = _resumed_state(step=4, total=10)  # the checkpoint's history: loss at 1..4, validation at 4
+    cb.on_train_begin(_trackio_args(tmp_path, "r"), state, TrainerControl())
+    cb.on_train_end(_trackio_args(tmp_path, "r"), state, TrainerControl())
+    rows = tracking._read(folder, "r")
+    assert sorted(s for _, s, m in rows if "train/loss" in m) == [1, 2, 3, 4]
+    assert [s for _, s, m in rows if "eval/loss" in m] == [4]
+    assert next(m["train/loss"] for _, s, m in rows if s == 2) == 4.0  # from the checkpoint's log history
+    assert "2 row(s) after step 4 dropped" in capsys.readouterr().out
+
+
+def test_fresh_start_keeps_an_earlier_tracked_run_under_another_name_in_a_second_folder(tmp_path, capsys):
+    from transformers import TrainerControl, TrainerState
+
+    _log_rows(tmp_path / "first" / "tracking", "other", [1])  # trackio already imported for another folder
+    folder = tmp_path / "b" / "tracking"
+    _log_rows(folder, "r", [1, 2])
+    cb = tracking._trackio_callback_class()(folder, None)
+    state = TrainerState(global_step=0, max_steps=10)
+    cb.on_train_begin(_trackio_args(tmp_path, "r"), state, TrainerControl())
+    cb.on_train_end(_trackio_args(tmp_path, "r"), state, TrainerControl())
+    with sqlite3.connect(folder / "qlora-lab.db") as conn:
+        names = {n for (n,) in conn.execute("SELECT DISTINCT run_name FROM metrics")}
+    kept = [n for n in names if n.startswith("r-before-")]
+    assert len(kept) == 1 and len(tracking._read(folder, kept[0])) == 2 and tracking._read(folder, "r") == []
+    assert not (tmp_path / "first" / "tracking" / "qlora-lab.db").exists() or \
+        tracking._read(tmp_path / "first" / "tracking", "r") == []  # nothing written into the other folder
+    assert f"kept as {kept[0]!r}" in capsys.readouterr().out
+
+
 # --- the story: SIGKILL mid-run, re-run, every step tracked exactly once ---------------------------------
 
 def _tracked(db: Path, name: str) -> list[tuple[int, dict]]:
