@@ -67,6 +67,8 @@ _EXPORTS = {
     "sweep_table": "sweep",
     "plot_sweep": "sweep",
     "write_best_config": "sweep",
+    "dashboard": "tracking",
+    "tracked_history": ("tracking", "history"),
 }
 
 __all__ = sorted(_EXPORTS) + ["__version__"]

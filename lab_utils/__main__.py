@@ -1,4 +1,4 @@
-"""Command line: `python -m lab_utils demo` and `python -m lab_utils defaults ...`."""
+"""Command line: `python -m lab_utils demo`, `... defaults ...` and `... dashboard [RUN_NAME] [--launch]`."""
 
 from __future__ import annotations
 
@@ -53,7 +53,8 @@ def demo() -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lab_utils {demo | defaults [--gpu T4 --model-params 1.24e9 --max-length 2048 --json]}")
+        print("usage: python -m lab_utils {demo | defaults [--gpu T4 --model-params 1.24e9 --max-length 2048 --json]"
+              " | dashboard [RUN_NAME] [--launch]}")
         return 0
     if argv[0] == "demo":
         return demo()
@@ -61,7 +62,11 @@ def main(argv: list[str] | None = None) -> int:
         from .defaults import cli
 
         return cli(argv[1:])
-    print(f"✗ unknown command {argv[0]!r} — use demo or defaults", file=sys.stderr)
+    if argv[0] == "dashboard":
+        from .tracking import cli
+
+        return cli(argv[1:])
+    print(f"✗ unknown command {argv[0]!r} — use demo, defaults or dashboard", file=sys.stderr)
     return 2
 
 

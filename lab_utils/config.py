@@ -81,6 +81,7 @@ DEFAULTS: dict[str, Any] = {
         "save_steps": 50,
         "save_total_limit": 2,
         "seed": 42,
+        "report_to": "trackio",  # trackio | tensorboard | wandb | none: experiment tracking (lab_utils.tracking)
     },
     "checkpoint": {"save_every_minutes": 20.0, "min_free_gib": 0.5},
     "eval": {"num_generations": 8, "max_new_tokens": 16, "metric": "auto", "metric_pattern": None},
@@ -676,6 +677,10 @@ def _check_section(cfg: dict, section: str) -> None:
             value = _check_value(dotted, values[key], set(spec["kinds"]), spec.get("choices"), spec.get("items"), default)
             _check_range(dotted, value, spec.get("default"))
             values[key] = value
+        if section == "train" and "report_to" in values:
+            from .tracking import check_report_to
+
+            check_report_to(values["report_to"])
         return
     for key in values:
         if key not in DEFAULTS[section]:

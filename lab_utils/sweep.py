@@ -359,10 +359,9 @@ def _measure(trial: Trial, model, tokenizer, val, path: str) -> dict[str, Any]:
 
 
 def _last_train_loss(trial: Trial) -> float | None:
-    try:
-        hist = json.loads((trial.dir / "log_history.json").read_text())
-    except (OSError, ValueError):
-        return None
+    from .tracking import history
+
+    hist = history(trial)  # what the tracker's dashboard shows for this trial
     losses = [h["loss"] for h in hist if "loss" in h]
     return float(losses[-1]) if losses else None
 
@@ -531,10 +530,9 @@ def sweep_table(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def _history(trial: Trial) -> tuple[list[tuple[int, float]], list[tuple[int, float]]]:
-    try:
-        hist = json.loads((trial.dir / "log_history.json").read_text())
-    except (OSError, ValueError):
-        return [], []
+    from .tracking import history
+
+    hist = history(trial)  # the tracker's rows, so the overlaid curves match its dashboard
     train = [(h["step"], h["loss"]) for h in hist if "loss" in h and "step" in h]
     val = [(h["step"], h["eval_loss"]) for h in hist if "eval_loss" in h and "step" in h]
     return train, val

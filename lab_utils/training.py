@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import tracking
 from .checkpoints import CheckpointCallback, ResumePlan, choose_resume
 from .errors import LabError
 
@@ -232,7 +233,7 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
         kwargs.setdefault("train_sampling_strategy", "group_by_length")
     keep = kwargs.pop("save_total_limit", 2)
     kwargs.setdefault("eval_steps", kwargs.get("save_steps"))
-    kwargs.setdefault("report_to", "none")
+    kwargs = tracking.trainer_kwargs(run, kwargs)  # report_to checked; trackers write into the run folder
     has_val = "validation" in dataset and len(dataset["validation"]) > 0
     args = SFTConfig(
         output_dir=str(run.checkpoints_dir),
@@ -267,6 +268,7 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    tracking.attach(run, trainer)  # resumable trackio run + the live view
     trainer._lab_callback = callback
     trainer._lab_settings = dict(settings)
     return trainer
@@ -324,6 +326,7 @@ def _rebuild_after_oom(run, trainer, settings: dict):
         cb
         for cb in trainer.callback_handler.callbacks
         if not type(cb).__module__.startswith("transformers") and not isinstance(cb, CheckpointCallback)
+        and not getattr(cb, "lab_owned", False)
     ]
     model, tok = trainer.model, trainer.processing_class
     data = {"train": trainer.train_dataset}

@@ -99,7 +99,9 @@ plan = lab.plan_resume(run, trainer, RESUME_FROM)
 # %% [markdown]
 # ## Train
 # The long cell. Stopping it (■) saves a checkpoint first; a disconnect loses at most
-# `checkpoint.save_every_minutes` of work.
+# `checkpoint.save_every_minutes` of work. While it runs, its output updates in place: training and
+# validation loss, learning rate, tokens per second, step of total and time left, with the loss curve.
+# After a disconnect the curve starts with the steps trained before it (from the checkpoint).
 
 # %%
 result = lab.train(run, trainer, plan)
@@ -112,3 +114,14 @@ result = lab.train(run, trainer, plan)
 lab.save_adapter(run, trainer)
 print(f"{result.steps} steps; this session trained for {result.seconds / 60:.1f} min")
 lab.show_image(lab.plot_training(run))
+
+# %% [markdown]
+# ## Track
+# Every logged step also went to the experiment tracker named by `train.report_to` (trackio by default:
+# no account, its database sits in this run's `tracking/` folder on Drive, so it survives the VM; a
+# resumed run continues the same tracked run). The dashboard compares this run with the others and with
+# sweep trials. W&B is used only with `train.report_to: wandb` and a `WANDB_API_KEY` in Colab's secrets.
+
+# %%
+OPEN_DASHBOARD = False  # True: start trackio's dashboard (a local web server) and show it below
+lab.dashboard(run, launch=OPEN_DASHBOARD)

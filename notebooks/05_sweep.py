@@ -95,8 +95,9 @@ lab.show_table(lab.plan_table(sweep), title="Trials")
 
 # %% [markdown]
 # ## Sweep
-# The long cell: each trial trains exactly as 02_train does, then answers the validation sample.
-# A trial that fails (out of memory, any error) is recorded and the sweep goes on.
+# The long cell: each trial trains exactly as 02_train does (with the same live view of its loss,
+# speed and time left), then answers the validation sample. A trial that fails (out of memory, any
+# error) is recorded and the sweep goes on.
 
 # %%
 results = lab.run_sweep(sweep, path, retry_failed=RETRY_FAILED)
@@ -112,6 +113,14 @@ lab.show_table(results, title=f"{len(results)} trials, {STEPS_PER_TRIAL} steps e
 # %%
 for plot in lab.plot_sweep(sweep):
     lab.show_image(plot)
+
+# %% [markdown]
+# The table and the curves read the tracker's own rows, so they agree with its dashboard, where the
+# trials sit in one group (`<run>-sweep`) beside the run itself.
+
+# %%
+OPEN_DASHBOARD = False  # True: start trackio's dashboard (a local web server) and show it below
+lab.dashboard(run, launch=OPEN_DASHBOARD)
 
 # %% [markdown]
 # ## Best
