@@ -384,3 +384,26 @@ def test_tool_call_metric_is_exact_match_on_name_and_parsed_arguments():
     assert out == {"tool_call_match": 3 / 6, "tool_call_parsed": 5 / 6}
     assert metric_kind({"eval": {"metric": "auto"}}, [ref, ref]) == "tool_call"
     assert metric_kind({"eval": {"metric": "auto"}}, [ref, "plain"]) == "exact_match"
+
+
+def test_template_that_drops_the_calls_themselves_is_refused_and_the_row_dropped(byte_level):  # noqa: F811
+    drops_calls = (
+        "{%- if tools %}{{ '<|im_start|>system\\n' }}{%- for t in tools %}{{ t | tojson }}{%- endfor %}"
+        "{{ '<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    )  # renders the tool list, but an assistant turn is its content only
+    tok = wrap(byte_level, None, None, "<|im_end|>")
+    tok.chat_template = drops_calls
+    assert tool_support(tok) == "it drops the assistant's tool calls"
+    messages, tools = standardized("messages")
+    with pytest.raises(RowError) as err:
+        tokenize_chat(tok, messages, tools=tools)
+    assert err.value.reason == "tools_not_rendered" and "assistant turn 1" in err.value.detail
+
+
+def test_tokenizer_without_template_gets_the_default_chatml_that_takes_tools(byte_level):  # noqa: F811
+    tok = wrap(byte_level, None, None, "<|im_end|>")
+    assert chat.ensure_chat_template(tok) and tool_support(tok) is None
+    messages, tools = standardized("sharegpt")
+    out = tokenize_chat(tok, messages, tools=tools)
+    assert masked_runs(tok, out) == [CHATML_CALL, ANSWER + "<|im_end|>"]
