@@ -226,11 +226,13 @@ def test_templates_with_tool_support_pass_the_probe(family, embedded_tok):
     assert tool_support(embedded_tok) is None
 
 
+@pytest.mark.parametrize("data_format", ["auto", "messages"])
 def test_tool_data_with_a_template_without_tools_stops_in_one_line_naming_it_and_the_fix(
-    byte_level, tmp_path, lab_root  # noqa: F811
+    byte_level, tmp_path, lab_root, data_format  # noqa: F811
 ):
     tok = wrap(byte_level, "llama3", "<|begin_of_text|>", "<|eot_id|>")
-    run = make_run(lab_root, write_rows(tmp_path, [openai_row(i) for i in range(6)]), name="refused")
+    rows = [openai_row(i) for i in range(6)]
+    run = make_run(lab_root, write_rows(tmp_path, rows), name="refused", format=data_format)
     with pytest.raises(LabError) as err:
         prepare(run, tok)
     msg = str(err.value)
