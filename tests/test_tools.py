@@ -24,7 +24,7 @@ from lab_utils.chat import (
 )
 from lab_utils.config import resolve_config
 from lab_utils.data import prepare
-from lab_utils.embedded import EMBEDDED_TOOLS, resolve_data, tokenizer_dir, tool_rows
+from lab_utils.embedded import EMBEDDED_TOOLS, TOOLS_ROWS, resolve_data, tokenizer_dir, tool_rows
 from lab_utils.errors import LabError
 from lab_utils.evaluation import (
     metric_kind,
@@ -344,7 +344,7 @@ def test_01_data_with_reasoning_drop_counts_traces_and_trains_none(embedded_tok,
 def test_embedded_tools_task_is_deterministic_and_prepares_whole(embedded_tok, lab_root, monkeypatch, tmp_path):
     monkeypatch.setenv("LAB_CACHE", str(tmp_path / "cache"))
     assert tool_rows(20) == tool_rows(20)
-    assert Path(resolve_data(EMBEDDED_TOOLS)).read_text().count("\n") == len(tool_rows())
+    assert Path(resolve_data(EMBEDDED_TOOLS)).read_text().count("\n") == TOOLS_ROWS
     run = make_run(lab_root, EMBEDDED_TOOLS, limit=40)
     ds = prepare(run, embedded_tok)
     report = json.loads((run.data_dir / "data_report.json").read_text())
