@@ -2,7 +2,7 @@
 
 Tokenizers only (no model): the embedded SentencePiece tokenizer with the lab's ChatML-with-tools template,
 and test_chat's byte-level BPE wrapped with verbatim copies of real templates with tool support
-(Qwen 2.5, Qwen 2.5 with `{% generation %}` markers, Qwen 3, Llama 3.1 — tests/fixtures/chat_templates).
+(Qwen 2.5, Qwen 2.5 with `{% generation %}` markers, Qwen 3, Llama 3.1, gpt-oss — tests/fixtures/chat_templates).
 """
 
 from __future__ import annotations
@@ -93,6 +93,9 @@ FAMILIES = {
               "<|im_end|>"),
     "llama3_1": ("<|begin_of_text|>", "<|eot_id|>",
                  '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "<|eot_id|>"),
+    # harmony: after '<|start|>assistant' the model writes the recipient, channel and arguments, then <|call|>
+    "gptoss": ("<|startoftext|>", "<|return|>",
+               ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>', "<|return|>"),
 }  # fmt: skip
 CHATML_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
 
