@@ -412,3 +412,11 @@ def test_tokenizer_without_template_gets_the_default_chatml_that_takes_tools(byt
     messages, tools = standardized("sharegpt")
     out = tokenize_chat(tok, messages, tools=tools)
     assert masked_runs(tok, out) == [CHATML_CALL, ANSWER + "<|im_end|>"]
+
+
+def test_generations_show_a_tool_call_answer_as_the_call_it_makes():
+    from lab_utils.evaluation import _shown_call
+
+    assert _shown_call('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>') == CALL
+    assert _shown_call(json.dumps(CALL) + "\n" + json.dumps(CALL)) == [CALL, CALL]
+    assert _shown_call("It is sunny.") == "It is sunny."
