@@ -583,18 +583,29 @@ def _structured_spans(
     for i, m in enumerate(messages):
         if m["role"] != "assistant" or _plain(m):
             continue
-        starts, ends = [], []
-        for sentinel in (_SENTINEL.format("turn"), "##lab_utils.chat.turn##"):
-            alt = [*messages[:i], {"role": "assistant", "content": sentinel}, *messages[i + 1 :]]
+        for cut in (False, True):  # the whole chat, else the chat up to this turn (gpt-oss wants a call before a result)
             try:
-                other = tokenizer.apply_chat_template(alt, tools=tools, tokenize=False)
+                ref = _render(tokenizer, messages[: i + 1], tools) if cut else text
+                heads, tails = [], []
+                for sentinel in (_SENTINEL.format("turn"), "##lab_utils.chat.turn##"):
+                    alt = [*messages[:i], {"role": "assistant", "content": sentinel}, *messages[i + 1 :] * (not cut)]
+                    other = tokenizer.apply_chat_template(alt, tools=tools, tokenize=False)
+                    heads.append(len(os.path.commonprefix([ref, other])))
+                    tails.append(len(os.path.commonprefix([ref[::-1], other[::-1]])))
+                break
             except Exception:
-                return None
-            head = len(os.path.commonprefix([text, other]))
-            tail = len(os.path.commonprefix([text[head:][::-1], other[head:][::-1]]))
-            starts.append(head)
-            ends.append(len(text) - tail)
-        a, b = min(starts), max(ends)
+                if cut:
+                    return None
+        a = min(heads)  # one sentinel may share a first or last character with the turn; the other does not
+        b = len(ref) - min(min(tails), len(ref) - a)
+        if cut and not text.startswith(ref[:b]):
+            return None  # the turn reads otherwise in the whole chat
+        if a >= b and m.get("tool_calls"):
+            raise RowError(
+                "tools_not_rendered",
+                f"the chat template writes nothing of assistant turn {i} (its tool calls); "
+                "fix: use a model whose chat template takes tools",
+            )
         if a >= b:
             return None  # the template writes nothing of this turn
         spans.append((a, b))

@@ -552,12 +552,6 @@ def _check_columns(fmt: str, columns: list[str]) -> None:
 def _choose_format(d: dict, ds) -> tuple[str, str]:
     """Return (format, why): detected from columns and 20 sample rows, or forced by data.format."""
     columns = [c for c in ds.column_names if c != MALFORMED]
-    if d.get("format", "auto") != "auto":
-        fmt = d["format"]
-        if fmt not in FORMATS:
-            raise LabError(f"data.format must be auto or one of {list(FORMATS)}, got {fmt!r}")
-        _check_columns(fmt, columns)
-        return fmt, "set by data.format"
     sample = []
     for row in ds.select(range(min(20, len(ds)))):
         if row.get(MALFORMED) is None:
@@ -565,6 +559,13 @@ def _choose_format(d: dict, ds) -> tuple[str, str]:
                 sample.append(_decode_json_cell(row))
             except RowError:
                 sample.append(row)
+    tools = describe_tools(columns, sample)
+    if d.get("format", "auto") != "auto":
+        fmt = d["format"]
+        if fmt not in FORMATS:
+            raise LabError(f"data.format must be auto or one of {list(FORMATS)}, got {fmt!r}")
+        _check_columns(fmt, columns)
+        return fmt, "set by data.format" + (f"; {tools}" if tools and fmt != "text" else "")
     try:
         fmt, why = detect_format(columns, sample)
     except ValueError as e:
@@ -574,7 +575,7 @@ def _choose_format(d: dict, ds) -> tuple[str, str]:
     ]
     if encoded and fmt in ("sharegpt", "messages"):
         why += " (conversations written as JSON text, decoded per row)"
-    if fmt != "text" and (tools := describe_tools(columns, sample)):
+    if fmt != "text" and tools:
         why += f"; {tools}"
     return fmt, why
 

@@ -243,7 +243,7 @@ CASES: list[Case] = [
     ),
     Case(
         "role-map-typo", "Config", "a data.role_map target that is not a role", "00_setup",
-        "data.role_map maps 'bot' to 'assitant' — map it to one of system, user, assistant → did you mean 'assistant'?",
+        "data.role_map maps 'bot' to 'assitant' — map it to one of system, user, assistant, tool, function_call → did you mean 'assistant'?",
         config={"data": {"role_map": {"bot": "assitant"}}},
     ),
     Case(

@@ -2,7 +2,7 @@
 
 Tokenizers only (no model): the embedded SentencePiece tokenizer with the lab's ChatML-with-tools template,
 and test_chat's byte-level BPE wrapped with verbatim copies of real templates with tool support
-(Qwen 2.5, Qwen 2.5 with `{% generation %}` markers, Qwen 3, Llama 3.1 — tests/fixtures/chat_templates).
+(Qwen 2.5, Qwen 2.5 with `{% generation %}` markers, Qwen 3, Llama 3.1, gpt-oss — tests/fixtures/chat_templates).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from lab_utils.chat import (
 )
 from lab_utils.config import resolve_config
 from lab_utils.data import prepare
-from lab_utils.embedded import EMBEDDED_TOOLS, resolve_data, tokenizer_dir, tool_rows
+from lab_utils.embedded import EMBEDDED_TOOLS, TOOLS_ROWS, resolve_data, tokenizer_dir, tool_rows
 from lab_utils.errors import LabError
 from lab_utils.evaluation import (
     metric_kind,
@@ -93,6 +93,9 @@ FAMILIES = {
               "<|im_end|>"),
     "llama3_1": ("<|begin_of_text|>", "<|eot_id|>",
                  '{"name": "get_weather", "parameters": {"city": "Paris"}}<|eot_id|>', "<|eot_id|>"),
+    # harmony: after '<|start|>assistant' the model writes the recipient, channel and arguments, then <|call|>
+    "gptoss": ("<|startoftext|>", "<|return|>",
+               ' to=functions.get_weather<|channel|>commentary json<|message|>{"city": "Paris"}<|call|>', "<|return|>"),
 }  # fmt: skip
 CHATML_CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call><|im_end|>'
 
@@ -226,11 +229,13 @@ def test_templates_with_tool_support_pass_the_probe(family, embedded_tok):
     assert tool_support(embedded_tok) is None
 
 
+@pytest.mark.parametrize("data_format", ["auto", "messages"])
 def test_tool_data_with_a_template_without_tools_stops_in_one_line_naming_it_and_the_fix(
-    byte_level, tmp_path, lab_root  # noqa: F811
+    byte_level, tmp_path, lab_root, data_format  # noqa: F811
 ):
     tok = wrap(byte_level, "llama3", "<|begin_of_text|>", "<|eot_id|>")
-    run = make_run(lab_root, write_rows(tmp_path, [openai_row(i) for i in range(6)]), name="refused")
+    rows = [openai_row(i) for i in range(6)]
+    run = make_run(lab_root, write_rows(tmp_path, rows), name="refused", format=data_format)
     with pytest.raises(LabError) as err:
         prepare(run, tok)
     msg = str(err.value)
@@ -342,7 +347,7 @@ def test_01_data_with_reasoning_drop_counts_traces_and_trains_none(embedded_tok,
 def test_embedded_tools_task_is_deterministic_and_prepares_whole(embedded_tok, lab_root, monkeypatch, tmp_path):
     monkeypatch.setenv("LAB_CACHE", str(tmp_path / "cache"))
     assert tool_rows(20) == tool_rows(20)
-    assert Path(resolve_data(EMBEDDED_TOOLS)).read_text().count("\n") == len(tool_rows())
+    assert Path(resolve_data(EMBEDDED_TOOLS)).read_text().count("\n") == TOOLS_ROWS
     run = make_run(lab_root, EMBEDDED_TOOLS, limit=40)
     ds = prepare(run, embedded_tok)
     report = json.loads((run.data_dir / "data_report.json").read_text())
@@ -384,3 +389,34 @@ def test_tool_call_metric_is_exact_match_on_name_and_parsed_arguments():
     assert out == {"tool_call_match": 3 / 6, "tool_call_parsed": 5 / 6}
     assert metric_kind({"eval": {"metric": "auto"}}, [ref, ref]) == "tool_call"
     assert metric_kind({"eval": {"metric": "auto"}}, [ref, "plain"]) == "exact_match"
+
+
+def test_template_that_drops_the_calls_themselves_is_refused_and_the_row_dropped(byte_level):  # noqa: F811
+    drops_calls = (
+        "{%- if tools %}{{ '<|im_start|>system\\n' }}{%- for t in tools %}{{ t | tojson }}{%- endfor %}"
+        "{{ '<|im_end|>\\n' }}{%- endif %}{%- for m in messages %}"
+        "{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}"
+    )  # renders the tool list, but an assistant turn is its content only
+    tok = wrap(byte_level, None, None, "<|im_end|>")
+    tok.chat_template = drops_calls
+    assert tool_support(tok) == "it drops the assistant's tool calls"
+    messages, tools = standardized("messages")
+    with pytest.raises(RowError) as err:
+        tokenize_chat(tok, messages, tools=tools)
+    assert err.value.reason == "tools_not_rendered" and "assistant turn 1" in err.value.detail
+
+
+def test_tokenizer_without_template_gets_the_default_chatml_that_takes_tools(byte_level):  # noqa: F811
+    tok = wrap(byte_level, None, None, "<|im_end|>")
+    assert chat.ensure_chat_template(tok) and tool_support(tok) is None
+    messages, tools = standardized("sharegpt")
+    out = tokenize_chat(tok, messages, tools=tools)
+    assert masked_runs(tok, out) == [CHATML_CALL, ANSWER + "<|im_end|>"]
+
+
+def test_generations_show_a_tool_call_answer_as_the_call_it_makes():
+    from lab_utils.evaluation import _shown_call
+
+    assert _shown_call('<tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>') == CALL
+    assert _shown_call(json.dumps(CALL) + "\n" + json.dumps(CALL)) == [CALL, CALL]
+    assert _shown_call("It is sunny.") == "It is sunny."
