@@ -17,7 +17,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .checkpoints import CheckpointCallback, ResumePlan, choose_resume
+from .checkpoints import (
+    HASH,
+    CheckpointCallback,
+    ResumePlan,
+    RunLock,
+    choose_resume,
+    file_digest,
+    read_manifest,
+    set_aside,
+    tmp_path,
+)
 from .errors import LabError
 
 __all__ = [
@@ -267,9 +277,28 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    _canonical_target_modules(trainer.model)
     trainer._lab_callback = callback
     trainer._lab_settings = dict(settings)
     return trainer
+
+
+def _canonical_target_modules(model) -> None:
+    """Store target_modules sorted: PEFT keeps a set, whose order (and so adapter_config.json) varies between processes."""
+    for pc in (getattr(model, "peft_config", None) or {}).values():
+        tm = getattr(pc, "target_modules", None)
+        if isinstance(tm, (set, frozenset, list, tuple)):
+            pc.target_modules = sorted(tm)
+
+
+def _adapter_is(run, ckpt: Path) -> bool:
+    """Return True if run/adapter holds exactly the weights of checkpoint ckpt."""
+    final = run.adapter_dir / "adapter_model.safetensors"
+    source = ckpt / "adapter_model.safetensors"
+    if not final.is_file() or not source.is_file() or final.stat().st_size != source.stat().st_size:
+        return False
+    want = (read_manifest(ckpt).get(HASH) or {}).get("adapter_model.safetensors") or file_digest(source)
+    return file_digest(final) == want
 
 
 def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
@@ -282,7 +311,17 @@ def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
     settings = {k: getattr(trainer.args, k) for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
                                                        "gradient_accumulation_steps")}
     total = total_steps(settings, n_rows)
-    if plan.checkpoint is None:
+    trainer._lab_plan = plan
+    cb.verified = plan.checkpoint
+    if plan.checkpoint is not None and plan.step >= total:
+        plan.finished, plan.in_the_way = True, []
+        grow = "raise train.max_steps (or num_train_epochs) to continue"
+        if _adapter_is(run, plan.checkpoint):
+            print(f"Run {run.name} is finished: adapter at {run.display(run.adapter_dir)}, step {plan.step} of {total} — {grow}")
+        else:
+            print(f"Run {run.name} reached step {plan.step} of {total} at {plan.checkpoint.name}; nothing to train, "
+                  f"its adapter is saved from that checkpoint — {grow}")
+    elif plan.checkpoint is None:
         print(f"{plan.message} {total} steps to run.")
     else:
         left = max(total - plan.step, 0)
@@ -342,10 +381,31 @@ def _rebuild_after_oom(run, trainer, settings: dict):
 
 def train(run, trainer, plan: ResumePlan) -> TrainResult:
     """Run (or continue) training; back off on CUDA out-of-memory; on the stop button save first. Return a TrainResult."""
+    if plan.finished:
+        return TrainResult(plan.step, 0.0, plan.checkpoint.name if plan.checkpoint else None, None)
+    lock = RunLock(run.dir)
+    note = lock.acquire()
+    if note:
+        print(note)
+    try:
+        return _train_locked(run, trainer, plan)
+    finally:
+        lock.release()
+
+
+def _move_out_of_the_way(run, plan: ResumePlan) -> None:
+    """Move checkpoint folders past the resume point aside: the Trainer would write into them in place."""
+    for old, new in zip(plan.in_the_way, set_aside(run.dir, plan.in_the_way), strict=True):
+        print(f"Moved {old.name} aside → {run.display(new)} (training from step {plan.step} would write into it in place)")
+    plan.in_the_way = []
+
+
+def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
     from . import defaults
 
     t0 = time.monotonic()
     while True:
+        _move_out_of_the_way(run, plan)
         try:
             out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
             break
@@ -385,27 +445,44 @@ def train(run, trainer, plan: ResumePlan) -> TrainResult:
 
 def _write_log_history(run, trainer) -> None:
     path = run.dir / "log_history.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
-    os.replace(tmp, path)
+    tmp = tmp_path(path)
+    try:
+        tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(run, trainer) -> Path:
-    """Save the final LoRA adapter and tokenizer to run/adapter atomically; return the folder."""
+    """Save the final LoRA adapter and tokenizer to run/adapter atomically; return the folder.
+
+    On a finished run (02_train run again) nothing is written when the adapter is already the last
+    checkpoint's; when it is missing or another, it is saved from that checkpoint (nothing is trained).
+    """
     out = run.adapter_dir
-    tmp = out.with_name("adapter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
-    trainer.processing_class.save_pretrained(str(tmp))
-    if out.exists():
-        old = out.with_name("adapter.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    print(f"Saved adapter → {run.display(out)}")
+    plan = getattr(trainer, "_lab_plan", None)
+    if plan is not None and plan.finished and _adapter_is(run, plan.checkpoint):
+        return out
+    tmp = tmp_path(out)
+    try:
+        if plan is not None and plan.finished:
+            tmp.mkdir()
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy2(plan.checkpoint / name, tmp / name)
+        else:
+            trainer.model.save_pretrained(str(tmp))
+        trainer.processing_class.save_pretrained(str(tmp))
+        if out.exists():
+            old = tmp_path(out.with_name("adapter.old"))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    source = f" (from {plan.checkpoint.name})" if plan is not None and plan.finished else ""
+    print(f"Saved adapter{source} → {run.display(out)}")
     return out
 
 

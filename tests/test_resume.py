@@ -98,7 +98,29 @@ def test_resume_skips_checkpoint_cut_off_mid_save(straight, lab_root, capsys):
     assert _max_diff(_adapter(run.dir), reference) == 0.0
     from lab_utils.checkpoints import check_checkpoint
 
-    assert check_checkpoint(ck) is None, "reaching step 20 again writes a complete checkpoint-20 over the cut-off one"
+    assert check_checkpoint(ck) is None, "reaching step 20 again writes a complete checkpoint-20"
+    (aside,) = (run.dir / "set-aside").glob("checkpoint-20-*")
+    assert (aside / "optimizer.pt").stat().st_size == 100, "the cut-off folder was moved aside, not written into"
+
+
+def test_same_size_nan_checkpoint_is_named_moved_aside_and_the_previous_one_resumed(straight, lab_root, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    reference, _ = straight
+    run, _ = _train("nan", stop_at=20)
+    path = run.checkpoints_dir / "checkpoint-20" / "adapter_model.safetensors"
+    size = path.stat().st_size
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(path)).items()}, str(path))
+    assert path.stat().st_size == size  # header intact, same size: the manifest's sizes alone would pass it
+    run, plan = _train("nan")
+    out = capsys.readouterr().out
+    assert "Skipping checkpoint-20: damaged — adapter_model.safetensors is not what was saved" in out
+    assert "Moved checkpoint-20 aside →" in out and "Resuming from checkpoint-10 (step 10 of 30" in out
+    assert plan.checkpoint.name == "checkpoint-10"
+    assert _max_diff(_adapter(run.dir), reference) == 0.0, "no NaN trained on: equal to the uninterrupted run"
+    (aside,) = (run.dir / "set-aside").glob("checkpoint-20-*")
+    assert torch.isnan(next(iter(load_file(str(aside / "adapter_model.safetensors")).values()))).all()
 
 
 def test_changed_lora_rank_is_refused_on_rerun_with_the_changed_key_named(lab_root):
