@@ -46,6 +46,7 @@ __all__ = [
     "tmp_path",
     "set_aside",
     "RunLock",
+    "check_checkpoints_folder",
     "scan_checkpoints",
     "choose_resume",
     "prune_checkpoints",
@@ -179,15 +180,20 @@ def read_manifest(ckpt: Path) -> dict:
     return body if isinstance(body, dict) else {}
 
 
-def _checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
-    """Return (step, folder) for every folder named checkpoint-N under folder, sorted by step."""
-    if not folder.exists():
-        return []
-    if not folder.is_dir():
+def check_checkpoints_folder(folder: Path) -> None:
+    """LabError when the run's checkpoints folder is a file (the Trainer could not write there)."""
+    if folder.exists() and not folder.is_dir():
         raise LabError(
             f"{folder} is a file, not a folder — the run keeps its checkpoints there: move or rename that file "
             f"(e.g. to {folder.name}.old), then run 02_train again"
         )
+
+
+def _checkpoint_dirs(folder: Path) -> list[tuple[int, Path]]:
+    """Return (step, folder) for every folder named checkpoint-N under folder, sorted by step."""
+    check_checkpoints_folder(folder)
+    if not folder.exists():
+        return []
     found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME.match(p.name)) and p.is_dir()]
     return sorted(found, key=lambda x: x[0])
 

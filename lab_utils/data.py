@@ -9,7 +9,10 @@ parses those whole, so large data belongs in JSONL or Parquet).
 Decisions a person should know about:
 - A malformed JSONL line is a dropped row (reason `malformed_json`, with its line number), not a stop:
   one bad line in 100k should not cost the other 99,999. Too many of them still stop the run through
-  `data.max_drop_fraction`, like any other reason.
+  `data.max_drop_fraction`, like any other reason. A line that is not UTF-8 text, or nests deeper than
+  100 levels, is such a line too: every line is checked before a parser sees it (pyarrow's reader
+  crashed the process on a row nested thousands deep).
+- A CSV line with more cells than the header stops the step naming that line (a BOM is fine).
 - CSV cells are text: every column is read as a string (no "007" → 7), and a conversation column
   (`messages` / `conversations`) may hold the conversation as JSON text, as CSV exports write it.
 - Row numbers in the report count records from 1 in the source split (for JSONL without blank lines
@@ -354,7 +357,7 @@ def _csv_header(path: str, sep: str) -> list[str]:
             header = next(reader, [])
             for row in reader:
                 line = reader.line_num
-                if row and len(row) != len(header):
+                if len(row) > len(header):  # fewer cells are read as empty ones; more cannot be placed
                     ragged.append((line, len(row)))
     except UnicodeDecodeError:
         raise LabError(

@@ -16,7 +16,22 @@ import errno
 import re
 import sys
 
-__all__ = ["LabError", "install_handler", "user_message"]
+__all__ = ["LabError", "install_handler", "user_message", "on_error_exit"]
+
+_CLEANUPS: list = []  # run before a script exits on an error (os._exit skips atexit): e.g. release a run lock
+
+
+def on_error_exit(fn) -> None:
+    """Register fn to run before a script ends on an error or the stop button (it must be safe to call twice)."""
+    _CLEANUPS.append(fn)
+
+
+def _run_cleanups() -> None:
+    while _CLEANUPS:
+        try:
+            _CLEANUPS.pop()()
+        except Exception:  # noqa: BLE001 — a cleanup must never hide the error line
+            pass
 
 # OSError numbers that mean "the disk (or the Drive quota) is full", not a bug.
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -118,6 +133,7 @@ def install_handler() -> None:
     def hook(exc_type, exc, tb):
         import os
 
+        _run_cleanups()
         sys.stdout.flush()
         if issubclass(exc_type, KeyboardInterrupt):
             print("✗ Stopped by the user.", file=sys.stderr)

@@ -22,13 +22,14 @@ from .checkpoints import (
     CheckpointCallback,
     ResumePlan,
     RunLock,
+    check_checkpoints_folder,
     choose_resume,
     file_digest,
     read_manifest,
     set_aside,
     tmp_path,
 )
-from .errors import LabError
+from .errors import LabError, on_error_exit
 
 __all__ = [
     "EXPLAIN",
@@ -231,11 +232,42 @@ def _trainer_class():
     return LabSFTTrainer
 
 
+_LOCKS: dict[Path, RunLock] = {}  # run folder → the lock this process holds on it
+
+
+def lock_run(run) -> None:
+    """Take the run's trainer lock (once per process), or LabError naming the trainer that holds it."""
+    if run.dir in _LOCKS:
+        return
+    check_checkpoints_folder(run.checkpoints_dir)
+    lock = RunLock(run.dir)
+    note = lock.acquire()
+    if note:
+        print(note)
+    if not _LOCKS:
+        on_error_exit(_unlock_all)
+    _LOCKS[run.dir] = lock
+
+
+def _unlock_all() -> None:
+    for folder in list(_LOCKS):
+        _LOCKS.pop(folder).release()
+
+
+def unlock_run(run) -> None:
+    """Release the run's trainer lock if this process holds it."""
+    lock = _LOCKS.pop(run.dir, None)
+    if lock is not None:
+        lock.release()
+
+
 def build_trainer(run, model, tokenizer, dataset, settings: dict):
-    """Return an SFTTrainer wired to the run folder, with the checkpoint callback attached."""
+    """Return an SFTTrainer wired to the run folder, with the checkpoint callback attached (and the run locked:
+    the Trainer starts writing there)."""
     from trl import SFTConfig
 
     SFTTrainer = _trainer_class()
+    lock_run(run)
 
     kwargs = {k: v for k, v in settings.items() if not k.startswith("_")}
     if kwargs.pop("group_by_length", False):  # transformers 5 spelling of the old flag
@@ -304,7 +336,11 @@ def _adapter_is(run, ckpt: Path) -> bool:
 def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
     """Return where training starts, printing the skipped folders and one line: resume or fresh start."""
     cb = trainer._lab_callback
-    plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
+    try:
+        plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
+    except BaseException:
+        unlock_run(run)
+        raise
     for line in plan.skipped:
         print(line)
     n_rows = len(trainer.train_dataset)
@@ -315,6 +351,7 @@ def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
     cb.verified = plan.checkpoint
     if plan.checkpoint is not None and plan.step >= total:
         plan.finished, plan.in_the_way = True, []
+        unlock_run(run)  # nothing will be trained
         grow = "raise train.max_steps (or num_train_epochs) to continue"
         if _adapter_is(run, plan.checkpoint):
             print(f"Run {run.name} is finished: adapter at {run.display(run.adapter_dir)}, step {plan.step} of {total} — {grow}")
@@ -383,14 +420,11 @@ def train(run, trainer, plan: ResumePlan) -> TrainResult:
     """Run (or continue) training; back off on CUDA out-of-memory; on the stop button save first. Return a TrainResult."""
     if plan.finished:
         return TrainResult(plan.step, 0.0, plan.checkpoint.name if plan.checkpoint else None, None)
-    lock = RunLock(run.dir)
-    note = lock.acquire()
-    if note:
-        print(note)
+    lock_run(run)  # again, when a first train() released it in this kernel
     try:
         return _train_locked(run, trainer, plan)
     finally:
-        lock.release()
+        unlock_run(run)
 
 
 def _move_out_of_the_way(run, plan: ResumePlan) -> None:
