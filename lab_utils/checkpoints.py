@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import tmp_path
-from .environment import free_gib, on_drive
+from .environment import free_gib, on_drive, pid_alive
 from .errors import LabError
 
 __all__ = [
@@ -359,19 +359,6 @@ HEARTBEAT_S = 30.0  # how often the holder rewrites its heartbeat
 STALE_S = 6 * HEARTBEAT_S  # 3 min without a heartbeat: the holder is gone (Drive may sync a beat late, so not 1 min)
 
 
-def _pid_alive(pid: Any) -> bool:
-    """Return True if a process with this pid exists on this machine."""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _when(t: Any) -> str:
     try:
         return _dt.datetime.fromtimestamp(float(t), _dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
@@ -433,7 +420,7 @@ class RunLock:
                 held.get("host") == self.body["host"] and held.get("pid") == self.body["pid"])
             beat = held.get("heartbeat")
             age = time.time() - float(beat) if isinstance(beat, (int, float)) else float("inf")
-            gone = held.get("host") == self.body["host"] and not _pid_alive(held.get("pid"))
+            gone = held.get("host") == self.body["host"] and not pid_alive(held.get("pid"))
             if not mine and not gone and age <= self.stale_s:
                 raise LabError(
                     f"run folder {self.path.parent.name!r} is being trained by another process ({self._who(held)}) — "

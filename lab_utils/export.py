@@ -33,7 +33,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_ENV = "QLORA_LAB_LLAMA_CPP_SDIST"  # optional: path to an already-downloaded sdist (offline use)
 from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
-from .environment import get_secret, hub_reachable  # noqa: E402
+from .environment import get_secret, hub_reachable, pid_alive  # noqa: E402
 from .errors import LabError  # noqa: E402
 
 # Files of vendor/llama.cpp/ that convert_hf_to_gguf.py needs: the script, its `conversion`
@@ -100,16 +100,6 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
 _LEFTOVER = re.compile(r"^\..+\.(?:partial|tmp|old)-(\d+)(?:\.[^/]*)?$")
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_leftovers(export_dir: Path) -> list[Path]:
     """Delete temp files and folders an interrupted export left (`.name.partial-<pid>.gguf`, `.adapter.tmp-<pid>`)
     whose process is gone; return what was removed."""
@@ -118,7 +108,7 @@ def clean_leftovers(export_dir: Path) -> list[Path]:
         return removed
     for p in sorted(export_dir.rglob(".*")):
         m = _LEFTOVER.match(p.name)
-        if not m or int(m.group(1)) == os.getpid() or _pid_alive(int(m.group(1))):
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

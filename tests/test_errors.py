@@ -641,3 +641,35 @@ def test_adapter_config_lists_target_modules_in_one_order(trained):
     for cfg in [run / "adapter" / "adapter_config.json", *run.glob("checkpoints/checkpoint-*/adapter_config.json")]:
         modules = json.loads(cfg.read_text())["target_modules"]
         assert modules == sorted(modules), cfg
+
+
+def test_jsonl_lines_are_bounded_before_any_parser_sees_them(tmp_path):
+    from lab_utils.data import MAX_JSON_DEPTH, _scan_json_lines
+
+    rows = tmp_path / "rows.jsonl"
+    ok = json.dumps({"messages": [{"role": "user", "content": "[[[{{{ brackets in text are fine ]]]"}]})
+    rows.write_bytes(b"\n".join([
+        ok.encode(),
+        b"[" * 100_000 + b"]" * 100_000,  # would exhaust any recursive parser
+        b'{"a": "caf\xe9"}',  # Latin-1, not UTF-8
+        ("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH).encode(),  # at the bound: parsed (a list, not an object)
+        ok.encode(),
+    ]) + b"\n")
+    bad = {n: problem for n, problem, _ in _scan_json_lines(str(rows))}
+    assert bad == {2: f"nested deeper than {MAX_JSON_DEPTH} levels",
+                   3: "not valid UTF-8 text (byte 0xe9 at column 11)",
+                   4: "a JSON list, not an object"}
+
+
+def test_a_json_array_file_too_deep_or_not_utf8_is_one_line_naming_it(tmp_path):
+    from lab_utils.data import _check_json_array
+    from lab_utils.errors import LabError
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" + "[" * 50_000 + "]" * 50_000 + "]")
+    with pytest.raises(LabError, match=r"deep.json' nests deeper than 100 levels"):
+        _check_json_array(str(deep))
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'[\n{"a": 1},\n{"b": "caf\xe9"}\n]')
+    with pytest.raises(LabError, match=r"latin.json' is not UTF-8 text \(byte 0xe9 at line 3\)"):
+        _check_json_array(str(latin))
