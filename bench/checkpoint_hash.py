@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--rank", type=int, nargs="*", default=[32, 64])
     ap.add_argument("--dir", default=None)
     args = ap.parse_args()
+    load = os.getloadavg()[0]
     results = []
     for rank in args.rank:
         n = lora_params(rank)
@@ -67,7 +68,10 @@ def main() -> None:
             row["sha256_MBps"] = round(row["bytes"] / row["sha256_s"] / 1e6)
             results.append(row)
             print(json.dumps(row))
-    print(f"hashlib openssl: {hashlib.sha256().name}; one run, page cache warm (the file was just written)")
+    note = f"one run; page cache warm (files just written), as in on_save; load average at start: {load:.1f}"
+    print(note)
+    out = Path(__file__).resolve().parent / "results" / "checkpoint_hash.json"
+    out.write_text(json.dumps({"results": results, "note": note, "hashlib": hashlib.sha256().name}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

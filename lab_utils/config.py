@@ -204,9 +204,11 @@ _SECRET_KEY = re.compile(
     re.I,
 )
 # The shapes of access tokens: Hugging Face hf_…, W&B (40 hex), OpenAI sk-…, GitHub ghp_…/github_pat_…, api_….
+# A 40-hex run inside a path (a Hugging Face cache's snapshots/<commit>/) is a commit id, not a W&B key.
 _SECRET_VALUE = re.compile(
     r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}"
-    r"|github_pat_[A-Za-z0-9_]{20,}|[0-9a-f]{40})(?![A-Za-z0-9])"
+    r"|github_pat_[A-Za-z0-9_]{20,})(?![A-Za-z0-9])"
+    r"|(?<![A-Za-z0-9/._-])[0-9a-f]{40}(?![A-Za-z0-9/._-])"
 )
 # Keys whose value is a 40-hex git commit id by design, not a W&B key.
 _COMMIT_KEYS = {"model.revision", "data.revision"}

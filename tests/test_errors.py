@@ -595,6 +595,7 @@ def test_lock_in_a_read_only_run_folder_is_one_line_naming_the_folder():
     "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
     "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
     "see hf_abcdefghijklmnopqrstuvwxyz0123 here",
+    "WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567",
 ])
 def test_every_common_token_shape_is_a_secret_in_config_and_card(value):
     from lab_utils.config import is_secret, looks_like_secret
@@ -607,6 +608,7 @@ def test_every_common_token_shape_is_a_secret_in_config_and_card(value):
 @pytest.mark.parametrize("value", [
     "pricer-demo", "embedded:tiny-llama", "unsloth/Llama-3.2-1B-Instruct", "0123456789abcdef",
     "a" * 64, "sha256:" + "0" * 64, "You are a pricing assistant.",
+    "/root/.cache/huggingface/hub/models--org--m/snapshots/0123456789abcdef0123456789abcdef01234567",
 ])
 def test_ordinary_values_are_not_secrets(value):
     from lab_utils.config import looks_like_secret
