@@ -222,3 +222,29 @@ def test_stop_button_saves_a_complete_checkpoint_before_training_stops(lab_root,
     assert check_checkpoint(ck) is None, "the checkpoint saved on stop is complete"
     assert "Stopped at step 12: saved checkpoint-12" in capsys.readouterr().out
     assert json.loads((run.dir / "log_history.json").read_text()), "the loss history is kept"
+
+
+_SAVE_ADAPTER_CONFIG = """
+import sys
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from lab_utils.embedded import EMBEDDED_MODEL, resolve_model
+from lab_utils.training import _canonical_target_modules
+model = AutoModelForCausalLM.from_pretrained(str(resolve_model(EMBEDDED_MODEL)))
+model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+_canonical_target_modules(model)  # what build_trainer does before the first checkpoint
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def test_adapter_config_is_byte_identical_across_processes(tmp_path):
+    # PEFT keeps target_modules as a set: its order followed each process's string hashing, so a checkpoint
+    # written before a disconnect and the final adapter written after it differed, and 03 compared them
+    configs = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        proc = subprocess.run([sys.executable, "-c", _SAVE_ADAPTER_CONFIG, str(out)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        configs.append((out / "adapter_config.json").read_bytes())
+    assert configs[0] == configs[1]
