@@ -102,7 +102,7 @@ DEFAULTS: dict[str, Any] = {
 # Keys a user sets outside the section table.
 _TOP_LEVEL = {"run_name", "profile"}
 _SECTIONS = [k for k in DEFAULTS if k not in _TOP_LEVEL]
-_RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" would let "name\n" through
 # Mappings that a layer replaces whole instead of merging key by key.
 _REPLACED = {"role_map", "space"}
 PROFILE_NAMES = ("auto", *PROFILES)
@@ -202,9 +202,34 @@ _OWN_TYPES: dict[str, tuple[set[str], tuple | None]] = {
 
 # Key names that hold credentials (not `eos_token` or `max_new_tokens`, which name tokenizer tokens).
 _SECRET_KEY = re.compile(
-    r"^(token|hub_token|hf_token|access_token|auth_token|.*api_?key|.*secret.*|.*passw(or)?d.*|.*credential.*)$", re.I
+    r"^(token|(hub|hf|access|auth|api|push_to_hub|wandb)_token|.*api_?key|wandb_key|.*secret.*|.*passw(or)?d.*|"
+    r".*credential.*)$",
+    re.I,
 )
-_SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,})")
+# The shapes of access tokens: Hugging Face hf_…, W&B (40 hex), OpenAI sk-…, GitHub ghp_…/github_pat_…, api_….
+# A 40-hex run inside a path (a Hugging Face cache's snapshots/<commit>/) is a commit id, not a W&B key.
+_SECRET_VALUE = re.compile(
+    r"(?<![A-Za-z0-9])(hf_[A-Za-z0-9]{20,}|api_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_-]{20,}|gh[pousr]_[A-Za-z0-9]{30,}"
+    r"|github_pat_[A-Za-z0-9_]{20,})(?![A-Za-z0-9])"
+    r"|(?<![A-Za-z0-9/._-])[0-9a-f]{40}(?![A-Za-z0-9/._-])"
+)
+# Keys whose value is a 40-hex git commit id by design, not a W&B key.
+_COMMIT_KEYS = {"model.revision", "data.revision"}
+
+
+def looks_like_secret(value: Any) -> bool:
+    """Return True if value is text holding an access-token shape (hf_, W&B 40-hex, OpenAI sk-, GitHub ghp_/github_pat_)."""
+    return isinstance(value, str) and _SECRET_VALUE.search(value) is not None
+
+
+def is_secret(key: str, value: Any = None) -> bool:
+    """Return True if a (dotted) config key names a credential, or its value looks like one — never to be written."""
+    leaf = str(key).rsplit(".", 1)[-1]
+    if _SECRET_KEY.search(leaf) and value not in (None, "", False):
+        return True
+    if str(key) in _COMMIT_KEYS and isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40}", value):
+        return False
+    return looks_like_secret(value)
 _SCHEMA_VERSION = 1  # bump when _describe changes
 
 
@@ -372,8 +397,48 @@ def _loader():
             seen[key] = key_node.start_mark.line
         return yaml.SafeLoader.construct_mapping(loader, node, deep=deep)
 
+    def construct_document(loader, node):
+        _check_expansion(node)  # before anything walks the values: an alias bomb expands exponentially
+        return yaml.SafeLoader.construct_document(loader, node)
+
     Loader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    Loader.construct_document = construct_document
     return Loader
+
+
+MAX_YAML_VALUES = 100_000  # a config has dozens; aliases (*name) may not expand beyond this
+MAX_YAML_DEPTH = 50
+
+
+def _check_expansion(root) -> None:
+    """LabError when a YAML document nests deeper than MAX_YAML_DEPTH or its aliases expand past MAX_YAML_VALUES."""
+    import yaml
+
+    memo: dict[int, int] = {}
+
+    def size(node, depth: int) -> int:
+        if depth > MAX_YAML_DEPTH:
+            raise LabError(
+                f"{{file}} nests deeper than {MAX_YAML_DEPTH} levels (or an alias refers to itself) — a config needs "
+                "two or three: flatten it"
+            )
+        if id(node) in memo:
+            return memo[id(node)]
+        if isinstance(node, yaml.SequenceNode):
+            n = 1 + sum(size(child, depth + 1) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n = 1 + sum(size(k, depth + 1) + size(v, depth + 1) for k, v in node.value)
+        else:
+            n = 1
+        if n > MAX_YAML_VALUES:
+            raise LabError(
+                f"{{file}}: its aliases (*name) expand to more than {MAX_YAML_VALUES:,} values (an alias bomb?) — "
+                "write the values out, or use fewer aliases"
+            )
+        memo[id(node)] = n
+        return n
+
+    size(root, 0)
 
 
 def load_yaml(path: str | os.PathLike) -> dict:
@@ -398,6 +463,10 @@ def load_yaml(path: str | os.PathLike) -> dict:
         data = yaml.load(text, Loader=_loader())  # noqa: S506 — a SafeLoader subclass
     except LabError as e:
         raise LabError(str(e).replace("{file}", f"config file {shown!r}")) from None
+    except RecursionError:
+        raise LabError(
+            f"config file {shown!r} nests deeper than {MAX_YAML_DEPTH} levels — a config needs two or three: flatten it"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -634,6 +703,8 @@ def _check_secrets(node: Any, where: str = "") -> None:
     if isinstance(node, dict):
         for key, value in node.items():
             dotted = f"{where}{key}"
+            if dotted in _COMMIT_KEYS and isinstance(value, str) and re.fullmatch(r"[0-9a-f]{40}", value):
+                continue  # a git commit id
             if _SECRET_KEY.search(str(key)) and value not in (None, "", False):
                 raise LabError(
                     f"{dotted} would store a secret in the run's config.yaml on Drive — remove it and put the token "
@@ -643,7 +714,7 @@ def _check_secrets(node: Any, where: str = "") -> None:
     elif isinstance(node, (list, tuple)):
         for i, value in enumerate(node):
             _check_secrets(value, f"{where[:-1]}[{i}].")
-    elif isinstance(node, str) and _SECRET_VALUE.search(node):
+    elif looks_like_secret(node):
         raise LabError(
             f"{where[:-1] or 'a config value'} holds what looks like an access token — remove it from the config; "
             "tokens belong in Colab's secrets (key icon) or the HF_TOKEN / WANDB_API_KEY environment variables"
@@ -697,7 +768,7 @@ def _check_section(cfg: dict, section: str) -> None:
 
 def check_run_name(name: Any, origin: str = "run_name") -> None:
     """LabError unless name is a safe folder name (letters, digits, '.', '_', '-'; ≤ 64 characters)."""
-    if isinstance(name, str) and _RUN_NAME_RE.match(name):
+    if isinstance(name, str) and _RUN_NAME_RE.fullmatch(name):
         return
     if not isinstance(name, str) or not name:
         got = "nothing" if name in (None, "") else repr(name)
@@ -711,7 +782,7 @@ def check_run_name(name: Any, origin: str = "run_name") -> None:
         else:
             got += " (must start with a letter or digit)"
     suggestion = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip("-._")[:64] if isinstance(name, str) else ""
-    eg = suggestion if suggestion and _RUN_NAME_RE.match(suggestion) else "pricer-llama1b"
+    eg = suggestion if suggestion and _RUN_NAME_RE.fullmatch(suggestion) else "pricer-llama1b"
     raise LabError(
         f"{origin} must be a safe folder name (letters, digits, '.', '_', '-'; at most 64; no spaces or '/'), "
         f"got {got} — e.g. {eg}"
@@ -897,9 +968,8 @@ def resolve_config(form: dict | None = None, yaml_path: str | None = None, base:
     if os.environ.get("LAB_RUN_NAME"):
         check_run_name(os.environ["LAB_RUN_NAME"], "LAB_RUN_NAME")
         cfg["run_name"] = os.environ["LAB_RUN_NAME"]
-    if os.environ.get("LAB_PROFILE"):
+    if os.environ.get("LAB_PROFILE"):  # for this session only: checked here, never written into the run's config
         check_profile(os.environ["LAB_PROFILE"], "LAB_PROFILE")
-        cfg["profile"] = os.environ["LAB_PROFILE"]
     return validate(cfg)
 
 
@@ -919,10 +989,20 @@ def diff_configs(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
 
 
+def tmp_path(path: Path) -> Path:
+    """Return a temporary sibling name for path, unique to this process (pid + random), for write-then-rename."""
+    import secrets
+
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
 def dump_yaml(cfg: dict, path: Path) -> None:
     """Write cfg as YAML to path atomically (temp file, then rename)."""
     import yaml
 
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    tmp.replace(path)
+    tmp = tmp_path(path)
+    try:
+        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

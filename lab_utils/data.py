@@ -9,7 +9,10 @@ parses those whole, so large data belongs in JSONL or Parquet).
 Decisions a person should know about:
 - A malformed JSONL line is a dropped row (reason `malformed_json`, with its line number), not a stop:
   one bad line in 100k should not cost the other 99,999. Too many of them still stop the run through
-  `data.max_drop_fraction`, like any other reason.
+  `data.max_drop_fraction`, like any other reason. A line that is not UTF-8 text, or nests deeper than
+  100 levels, is such a line too: every line is checked before a parser sees it (pyarrow's reader
+  crashed the process on a row nested thousands deep).
+- A CSV line with more cells than the header stops the step naming that line (a BOM is fine).
 - CSV cells are text: every column is read as a string (no "007" → 7), and a conversation column
   (`messages` / `conversations`) may hold the conversation as JSON text, as CSV exports write it.
 - Row numbers in the report count records from 1 in the source split (for JSONL without blank lines
@@ -207,22 +210,57 @@ def _load_hub(spec: str, d: dict):
     return dd, f"hub dataset {spec!r}" + (f" (config {d['name']!r})" if d.get("name") else "")
 
 
+MAX_JSON_DEPTH = 100  # a chat row nests 3-4 levels; deeper rows are dropped before any parser recurses into them
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"')
+_JSON_BRACKET = re.compile(rb"[\[\]{}]")
+
+
+def _json_depth(raw: bytes) -> int:
+    """Return how deep brackets nest in a JSON text (strings skipped), stopping once past MAX_JSON_DEPTH."""
+    if raw.count(b"[") + raw.count(b"{") <= MAX_JSON_DEPTH:
+        return 0  # cannot be deeper than the bound: no need to look closer
+    depth = deepest = 0
+    for m in _JSON_BRACKET.finditer(_JSON_STRING.sub(b"", raw)):
+        depth += 1 if m.group() in (b"[", b"{") else -1
+        deepest = max(deepest, depth)
+        if deepest > MAX_JSON_DEPTH:
+            break
+    return deepest
+
+
+def _line_problem(raw: bytes) -> tuple[str | None, str]:
+    """Return (what is wrong with one JSONL line or None, its text) — UTF-8, nesting depth, JSON, object."""
+    try:
+        text = raw.decode("utf-8").strip()
+    except UnicodeDecodeError as e:
+        return f"not valid UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})", raw.decode(
+            "utf-8", errors="replace").strip()
+    if not text:
+        return None, text
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        return f"nested deeper than {MAX_JSON_DEPTH} levels", text
+    try:
+        obj = json.loads(text)
+    except ValueError as e:
+        return getattr(e, "msg", str(e)), text
+    except RecursionError:  # not reached below MAX_JSON_DEPTH; kept so no line can stop the step
+        return f"nested deeper than {MAX_JSON_DEPTH} levels", text
+    if not isinstance(obj, dict):
+        return f"a JSON {type(obj).__name__}, not an object", text
+    return None, text
+
+
 def _scan_json_lines(path: str) -> list[tuple[int, str, str]]:
     """Return (line number, problem, excerpt) for each non-blank line that is not a JSON object; LabError if none is."""
     bad, lines = [], 0
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            text = line.strip()
-            if not text:
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             lines += 1
-            try:
-                obj = json.loads(text)
-            except ValueError as e:
-                bad.append((n, e.msg, text))
-                continue
-            if not isinstance(obj, dict):
-                bad.append((n, f"a JSON {type(obj).__name__}, not an object", text))
+            problem, text = _line_problem(raw)
+            if problem:
+                bad.append((n, problem, text))
     if lines and len(bad) == lines:
         raise LabError(
             f"data file {path!r} is not JSON lines: no line is a JSON object (line {bad[0][0]}: {bad[0][1]}) — "
@@ -232,35 +270,55 @@ def _scan_json_lines(path: str) -> list[tuple[int, str, str]]:
 
 
 def _starts_with_bracket(path: str) -> bool:
-    with open(path, encoding="utf-8", errors="replace") as f:
-        head = f.read(4096).lstrip()
-    return head.startswith("[")
+    with open(path, "rb") as f:
+        head = f.read(4096).lstrip().lstrip(b"\xef\xbb\xbf").lstrip()
+    return head.startswith(b"[")
+
+
+def _check_json_array(path: str) -> None:
+    """LabError naming the line when a JSON array file is not UTF-8, nests too deep or is not valid JSON."""
+    raw = Path(path).read_bytes()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise LabError(
+            f"data file {path!r} is not UTF-8 text (byte 0x{raw[e.start]:02x} at line {line}) — save it as UTF-8, "
+            "or write it as JSONL so a bad line costs only that row"
+        ) from None
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise LabError(
+            f"data file {path!r} nests deeper than {MAX_JSON_DEPTH} levels — a chat row needs 3 or 4: check how it "
+            "was written, or write it as JSONL so a bad line costs only that row"
+        )
+    try:
+        json.loads(text)
+    except ValueError as e:
+        where = f" line {e.lineno}" if hasattr(e, "lineno") else ""
+        raise LabError(
+            f"data file {path!r} is not valid JSON ({getattr(e, 'msg', e)} at{where}) — fix the file, or "
+            "write one JSON object per line (JSONL) so a bad line costs only that row"
+        ) from None
 
 
 def _load_json(files: list[str]):
-    """Return the JSON/JSONL files as one Dataset; malformed JSONL lines become rows marked for `malformed_json`."""
+    """Return the JSON/JSONL files as one Dataset; bad JSONL lines (not JSON, not UTF-8, nested too deep) become
+    rows marked for `malformed_json`, so they are dropped with their line number."""
     import datasets
 
-    try:
-        return datasets.load_dataset("json", data_files={"train": files}, split="train")
-    except Exception as e:
-        first_error = e
-    bad = {f: [] if _starts_with_bracket(f) else _scan_json_lines(f) for f in files}
-    for f in files:  # a JSON array file cannot be partly read: name where it breaks
-        if _starts_with_bracket(f):
-            try:
-                with open(f, encoding="utf-8") as fh:
-                    json.load(fh)
-            except ValueError as e:
-                where = f" line {e.lineno}" if hasattr(e, "lineno") else ""
-                raise LabError(
-                    f"data file {f!r} is not valid JSON ({getattr(e, 'msg', e)} at{where}) — fix the file, or "
-                    "write one JSON object per line (JSONL) so a bad line costs only that row"
-                ) from None
+    arrays = [f for f in files if _starts_with_bracket(f)]
+    for f in arrays:  # a JSON array file cannot be partly read: name where it breaks
+        _check_json_array(f)
+    # Every JSONL line is checked before a parser sees it: pyarrow's reader crashes the process on a row
+    # nested thousands deep, and stops the whole step on one byte that is not UTF-8.
+    bad = {f: [] if f in arrays else _scan_json_lines(f) for f in files}
     if not any(bad.values()):
-        raise LabError(
-            f"data files {files[0]!r}… could not be read as JSON ({_first_line(first_error)}) — check the format"
-        ) from None
+        try:
+            return datasets.load_dataset("json", data_files={"train": files}, split="train")
+        except Exception as e:
+            raise LabError(
+                f"data files {files[0]!r}… could not be read as JSON ({_first_line(e)}) — check the format"
+            ) from None
     n_bad = sum(len(v) for v in bad.values())
     first = next((f, b[0]) for f, b in bad.items() if b)
     print(
@@ -273,15 +331,15 @@ def _load_json(files: list[str]):
         for i, f in enumerate(files):
             lines = {n: (msg, text) for n, msg, text in bad[f]}
             out = tmp / f"{i:05d}.jsonl"
-            with open(f, encoding="utf-8", errors="replace") as src, open(out, "w", encoding="utf-8") as dst:
+            with open(f, "rb") as src, open(out, "wb") as dst:
                 for n, line in enumerate(src, 1):
                     if n in lines:
                         msg, text = lines[n]
                         excerpt = text if len(text) <= 100 else text[:99] + "…"
-                        line = json.dumps({MALFORMED: f"{Path(f).name} line {n}: {msg}\t{excerpt}"}) + "\n"
+                        line = (json.dumps({MALFORMED: f"{Path(f).name} line {n}: {msg}\t{excerpt}"}) + "\n").encode()
                     elif not line.strip():
                         continue
-                    dst.write(line if line.endswith("\n") else line + "\n")
+                    dst.write(line if line.endswith(b"\n") else line + b"\n")
             cleaned.append(str(out))
         return datasets.load_dataset("json", data_files={"train": cleaned}, split="train")
     except LabError:
@@ -294,6 +352,38 @@ def _load_json(files: list[str]):
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _csv_header(path: str, sep: str) -> list[str]:
+    """Return a CSV file's header (a UTF-8 BOM stripped); LabError naming the line of a ragged row or a bad byte."""
+    import csv
+
+    header: list[str] = []
+    ragged: list[tuple[int, int]] = []
+    line = 0
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.reader(f, delimiter=sep)
+            header = next(reader, [])
+            for row in reader:
+                line = reader.line_num
+                if len(row) > len(header):  # fewer cells are read as empty ones; more cannot be placed
+                    ragged.append((line, len(row)))
+    except UnicodeDecodeError:
+        raise LabError(
+            f"data file {path!r} is not UTF-8 text (after line {line + 1}) — save it as CSV UTF-8 "
+            "(in Excel: File → Save as → CSV UTF-8)"
+        ) from None
+    except csv.Error as e:
+        raise LabError(f"data file {path!r} line {line + 1}: {e} — fix that line") from None
+    if ragged:
+        n, got = ragged[0]
+        more = f" ({len(ragged)} such lines)" if len(ragged) > 1 else ""
+        raise LabError(
+            f"data file {path!r} line {n} has {got} cells, its header has {len(header)}{more} — put quotes around "
+            f"cells that contain '{sep}' or a line break (\"a{sep} b\"), or fix that line"
+        )
+    return header
+
+
 def _load_files(builder: str, files: list[str]):
     import datasets
 
@@ -301,11 +391,8 @@ def _load_files(builder: str, files: list[str]):
         return _load_json(files)
     try:
         if builder == "csv":  # a CSV has no types: read every cell as text, exactly as written
-            import csv
-
             sep = "\t" if files[0].lower().endswith(".tsv") else ","
-            with open(files[0], encoding="utf-8", errors="replace", newline="") as f:
-                header = next(csv.reader(f, delimiter=sep), [])
+            header = [_csv_header(f, sep) for f in files][0]
             return datasets.load_dataset(
                 "csv",
                 data_files={"train": files},
@@ -314,6 +401,8 @@ def _load_files(builder: str, files: list[str]):
                 converters={c: str for c in header},
             )
         return datasets.load_dataset(builder, data_files={"train": files}, split="train")
+    except LabError:
+        raise
     except Exception as e:
         raise LabError(
             f"data file {files[0]!r} could not be read as {builder} ({_first_line(e)}) — check the file's format"
@@ -938,7 +1027,16 @@ def load_prepared(run, tokenizer=None):
                 f"the processed data in {run.display(run.data_dir)} was made from other data settings, "
                 "source file or tokenizer — run 01_data again"
             )
-    return datasets.load_from_disk(str(path))
+    try:
+        data = datasets.load_from_disk(str(path))
+        for split in data.values():  # arrow files are memory-mapped: touch the last row so a cut-off file shows now
+            if len(split):
+                split[len(split) - 1]
+    except Exception as e:
+        raise LabError(
+            f"the processed data in {run.display(path)} is damaged ({_first_line(e)}) — run 01_data again to make it anew"
+        ) from None
+    return data
 
 
 # ------------------------------------------------------------------------------------------- display

@@ -297,3 +297,18 @@ def environment_report(root: Path | None = None) -> list[tuple[str, str]]:
     if root is not None:
         rows.append(("free space at runs folder", f"{free_gib(root):.1f} GiB"))
     return rows
+
+
+def pid_alive(pid: object) -> bool:
+    """Return True if a process with this pid exists on this machine."""
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        return True
+    except OSError:
+        return False
+    return True

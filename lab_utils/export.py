@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,7 +33,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_ENV = "QLORA_LAB_LLAMA_CPP_SDIST"  # optional: path to an already-downloaded sdist (offline use)
 from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
-from .environment import get_secret, hub_reachable  # noqa: E402
+from .environment import get_secret, hub_reachable, pid_alive  # noqa: E402
 from .errors import LabError  # noqa: E402
 
 # Files of vendor/llama.cpp/ that convert_hf_to_gguf.py needs: the script, its `conversion`
@@ -58,7 +59,6 @@ _BYTES_PER_PARAM = {
     "q6_k": 0.82, "q5_k_m": 0.71, "q5_0": 22 / 32, "q4_k_m": 0.61, "q4_0": 18 / 32,
 }
 EXPORT_PARTS = ("adapter", "merged", "gguf")
-_SECRET_WORDS = ("secret", "password", "api_key", "apikey", "hf_token", "access_token", "auth_token", "wandb_key")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,6 +95,32 @@ def _atomic_dir(final: Path) -> Iterator[Path]:
     tmp.rename(final)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+_LEFTOVER = re.compile(r"^\..+\.(?:partial|tmp|old)-(\d+)(?:\.[^/]*)?$")
+
+
+def clean_leftovers(export_dir: Path) -> list[Path]:
+    """Delete temp files and folders an interrupted export left (`.name.partial-<pid>.gguf`, `.adapter.tmp-<pid>`)
+    whose process is gone; return what was removed."""
+    removed: list[Path] = []
+    if not export_dir.is_dir():
+        return removed
+    for p in sorted(export_dir.rglob(".*")):
+        m = _LEFTOVER.match(p.name)
+        if not m or int(m.group(1)) == os.getpid() or pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def _finished(folder: Path, pattern: str) -> list[Path]:
+    """Return the finished files matching pattern in folder (temp files start with '.')."""
+    return sorted(p for p in folder.glob(pattern) if p.is_file() and not p.name.startswith("."))
 
 
 def _tmp_file(final: Path) -> Path:
@@ -569,10 +595,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _is_secret(key: str, value: Any = None) -> bool:
-    """Return True for config entries that may hold credentials (never written to the card)."""
-    leaf = key.lower().rsplit(".", 1)[-1]
-    looks_like_token = isinstance(value, str) and value.startswith(("hf_", "api_")) and len(value) >= 12
-    return leaf == "token" or any(w in leaf for w in _SECRET_WORDS) or looks_like_token
+    """Return True for entries that may hold credentials (never written to the card): config.is_secret decides."""
+    from .config import is_secret
+
+    return is_secret(key, value) or (isinstance(value, (list, tuple)) and any(is_secret(key, v) for v in value))
 
 
 def _fmt(v: Any) -> str:
@@ -638,7 +664,7 @@ def write_model_card(
         "merged": "- `merged/` - the adapter merged into the 16-bit base: "
                   "`AutoModelForCausalLM.from_pretrained(repo, subfolder='merged')`",
         "gguf": "- `gguf/` - the merged model for llama.cpp / Ollama / LM Studio: "
-                + (", ".join(f"`{g.name}`" for g in sorted((out_dir / "gguf").glob("*.gguf"))) or "f16, q8_0"),
+                + (", ".join(f"`{g.name}`" for g in _finished(out_dir / "gguf", "*.gguf")) or "f16, q8_0"),
     }
     s += ["## Files", "", *(file_lines[p] for p in EXPORT_PARTS if p in exported or not exported), ""]
     s += ["## Base model", "", f"`{base_model}`, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
@@ -775,6 +801,8 @@ def export_adapter(run: Any, adapter_dir: Path | None = None) -> Path:
     src = Path(adapter_dir)
     if not (src / "adapter_config.json").is_file():
         raise LabError(f"no adapter in {run.display(src)} — run 02_train first")
+    for p in clean_leftovers(run.export_dir):
+        print(f"Removed {run.display(p)}: left by an export that was interrupted")
     need = sum(p.stat().st_size for p in src.rglob("*") if p.is_file() and p.name not in TRAINING_STATE_FILES)
     free_space_ok(run.dir, need)
     dest = run.export_dir / "adapter"

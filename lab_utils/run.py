@@ -210,7 +210,8 @@ def _preflight(cfg: dict, root: Path, changed: set[str] | None) -> None:
     m = cfg["model"]
     remote_code(cfg)  # one warning line when it is on
     if _touched(changed, "profile") or os.environ.get("LAB_PROFILE"):
-        require_hardware(cfg.get("profile", "auto"), "LAB_PROFILE" if os.environ.get("LAB_PROFILE") else "profile")
+        require_hardware(os.environ.get("LAB_PROFILE") or cfg.get("profile", "auto"),
+                         "LAB_PROFILE" if os.environ.get("LAB_PROFILE") else "profile")
     if _touched(changed, "data.path"):
         _check_data_path(cfg["data"]["path"])
     if _touched(changed, "model.name", "model.revision"):

@@ -18,8 +18,19 @@ from pathlib import Path
 from typing import Any
 
 from . import tracking
-from .checkpoints import CheckpointCallback, ResumePlan, choose_resume
-from .errors import LabError
+from .checkpoints import (
+    HASH,
+    CheckpointCallback,
+    ResumePlan,
+    RunLock,
+    check_checkpoints_folder,
+    choose_resume,
+    file_digest,
+    read_manifest,
+    set_aside,
+    tmp_path,
+)
+from .errors import LabError, on_error_exit
 
 __all__ = [
     "EXPLAIN",
@@ -222,11 +233,42 @@ def _trainer_class():
     return LabSFTTrainer
 
 
+_LOCKS: dict[Path, RunLock] = {}  # run folder → the lock this process holds on it
+
+
+def lock_run(run) -> None:
+    """Take the run's trainer lock (once per process), or LabError naming the trainer that holds it."""
+    if run.dir in _LOCKS:
+        return
+    check_checkpoints_folder(run.checkpoints_dir)
+    lock = RunLock(run.dir)
+    note = lock.acquire()
+    if note:
+        print(note)
+    if not _LOCKS:
+        on_error_exit(_unlock_all)
+    _LOCKS[run.dir] = lock
+
+
+def _unlock_all() -> None:
+    for folder in list(_LOCKS):
+        _LOCKS.pop(folder).release()
+
+
+def unlock_run(run) -> None:
+    """Release the run's trainer lock if this process holds it."""
+    lock = _LOCKS.pop(run.dir, None)
+    if lock is not None:
+        lock.release()
+
+
 def build_trainer(run, model, tokenizer, dataset, settings: dict):
-    """Return an SFTTrainer wired to the run folder, with the checkpoint callback attached."""
+    """Return an SFTTrainer wired to the run folder, with the checkpoint callback attached (and the run locked:
+    the Trainer starts writing there)."""
     from trl import SFTConfig
 
     SFTTrainer = _trainer_class()
+    lock_run(run)
 
     kwargs = {k: v for k, v in settings.items() if not k.startswith("_")}
     if kwargs.pop("group_by_length", False):  # transformers 5 spelling of the old flag
@@ -268,23 +310,57 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
     for param in trainer.model.parameters():
         if param.requires_grad and param.dtype != torch.float32:
             param.data = param.data.float()
+    _canonical_target_modules(trainer.model)
     tracking.attach(run, trainer)  # resumable trackio run + the live view
     trainer._lab_callback = callback
     trainer._lab_settings = dict(settings)
     return trainer
 
 
+def _canonical_target_modules(model) -> None:
+    """Store target_modules sorted: PEFT keeps a set, whose order (and so adapter_config.json) varies between processes."""
+    for pc in (getattr(model, "peft_config", None) or {}).values():
+        tm = getattr(pc, "target_modules", None)
+        if isinstance(tm, (set, frozenset, list, tuple)):
+            pc.target_modules = sorted(tm)
+
+
+def _adapter_is(run, ckpt: Path) -> bool:
+    """Return True if run/adapter holds exactly the weights of checkpoint ckpt."""
+    final = run.adapter_dir / "adapter_model.safetensors"
+    source = ckpt / "adapter_model.safetensors"
+    if not final.is_file() or not source.is_file() or final.stat().st_size != source.stat().st_size:
+        return False
+    want = (read_manifest(ckpt).get(HASH) or {}).get("adapter_model.safetensors") or file_digest(source)
+    return file_digest(final) == want
+
+
 def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
     """Return where training starts, printing the skipped folders and one line: resume or fresh start."""
     cb = trainer._lab_callback
-    plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
+    try:
+        plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
+    except BaseException:
+        unlock_run(run)
+        raise
     for line in plan.skipped:
         print(line)
     n_rows = len(trainer.train_dataset)
     settings = {k: getattr(trainer.args, k) for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
                                                        "gradient_accumulation_steps")}
     total = total_steps(settings, n_rows)
-    if plan.checkpoint is None:
+    trainer._lab_plan = plan
+    cb.verified = plan.checkpoint
+    if plan.checkpoint is not None and plan.step >= total:
+        plan.finished, plan.in_the_way = True, []
+        unlock_run(run)  # nothing will be trained
+        grow = "raise train.max_steps (or num_train_epochs) to continue"
+        if _adapter_is(run, plan.checkpoint):
+            print(f"Run {run.name} is finished: adapter at {run.display(run.adapter_dir)}, step {plan.step} of {total} — {grow}")
+        else:
+            print(f"Run {run.name} reached step {plan.step} of {total} at {plan.checkpoint.name}; nothing to train, "
+                  f"its adapter is saved from that checkpoint — {grow}")
+    elif plan.checkpoint is None:
         print(f"{plan.message} {total} steps to run.")
     else:
         left = max(total - plan.step, 0)
@@ -345,10 +421,28 @@ def _rebuild_after_oom(run, trainer, settings: dict):
 
 def train(run, trainer, plan: ResumePlan) -> TrainResult:
     """Run (or continue) training; back off on CUDA out-of-memory; on the stop button save first. Return a TrainResult."""
+    if plan.finished:
+        return TrainResult(plan.step, 0.0, plan.checkpoint.name if plan.checkpoint else None, None)
+    lock_run(run)  # again, when a first train() released it in this kernel
+    try:
+        return _train_locked(run, trainer, plan)
+    finally:
+        unlock_run(run)
+
+
+def _move_out_of_the_way(run, plan: ResumePlan) -> None:
+    """Move checkpoint folders past the resume point aside: the Trainer would write into them in place."""
+    for old, new in zip(plan.in_the_way, set_aside(run.dir, plan.in_the_way), strict=True):
+        print(f"Moved {old.name} aside → {run.display(new)} (training from step {plan.step} would write into it in place)")
+    plan.in_the_way = []
+
+
+def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
     from . import defaults
 
     t0 = time.monotonic()
     while True:
+        _move_out_of_the_way(run, plan)
         try:
             out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
             break
@@ -388,27 +482,44 @@ def train(run, trainer, plan: ResumePlan) -> TrainResult:
 
 def _write_log_history(run, trainer) -> None:
     path = run.dir / "log_history.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
-    os.replace(tmp, path)
+    tmp = tmp_path(path)
+    try:
+        tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def save_adapter(run, trainer) -> Path:
-    """Save the final LoRA adapter and tokenizer to run/adapter atomically; return the folder."""
+    """Save the final LoRA adapter and tokenizer to run/adapter atomically; return the folder.
+
+    On a finished run (02_train run again) nothing is written when the adapter is already the last
+    checkpoint's; when it is missing or another, it is saved from that checkpoint (nothing is trained).
+    """
     out = run.adapter_dir
-    tmp = out.with_name("adapter.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    trainer.model.save_pretrained(str(tmp))
-    trainer.processing_class.save_pretrained(str(tmp))
-    if out.exists():
-        old = out.with_name("adapter.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-    print(f"Saved adapter → {run.display(out)}")
+    plan = getattr(trainer, "_lab_plan", None)
+    if plan is not None and plan.finished and _adapter_is(run, plan.checkpoint):
+        return out
+    tmp = tmp_path(out)
+    try:
+        if plan is not None and plan.finished:
+            tmp.mkdir()
+            for name in ("adapter_model.safetensors", "adapter_config.json"):
+                shutil.copy2(plan.checkpoint / name, tmp / name)
+        else:
+            trainer.model.save_pretrained(str(tmp))
+        trainer.processing_class.save_pretrained(str(tmp))
+        if out.exists():
+            old = tmp_path(out.with_name("adapter.old"))
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    source = f" (from {plan.checkpoint.name})" if plan is not None and plan.finished else ""
+    print(f"Saved adapter{source} → {run.display(out)}")
     return out
 
 

@@ -64,6 +64,17 @@ def pricer_jsonl(n: int = 40, *, bad_lines: dict[int, str] | None = None, long_r
     return "\n".join(lines) + "\n"
 
 
+DEEP_ROW = "[" * 5000 + "]" * 5000  # a row nested 5000 deep: pyarrow's reader crashed the process on it
+CSV_BOM_RAGGED = "\ufeffinstruction,output\nPrice of a lamp?,Price is $20\nPrice of a mug?,Price is $5\n" \
+    "Price of a chair, large?,Price is $40\nPrice of a pen?,Price is $1\n"
+# nine aliases of nine aliases …: 9**9 strings once expanded (a "billion laughs")
+ALIAS_BOMB = 'a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]\n' + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 9)}]\n" for a, b in zip("abcdefgh", "bcdefghi", strict=True)
+)
+# another trainer's lock; its heartbeat is written 10 min ahead ({now}), as another machine's clock may be,
+# so it stays fresh however slowly this machine reaches the training cell
+OTHER_TRAINER = json.dumps({"pid": 4242, "host": "other-colab-vm", "started": 1767225600.0, "heartbeat": "{now}",
+                            "token": "other"}).replace('"{now}"', "{now}")
 NO_ANSWERS = "\n".join(json.dumps(_turns(f"What is the price of item {i}?", None)) for i in range(1, 21)) + "\n"
 BROKEN_ARRAY = "[\n" + ",\n".join(json.dumps(_turns(f"Item {i}?", f"Price is ${i}")) for i in range(1, 4)) + ",\n{oops}\n]\n"
 CSV_OTHER_COLUMNS = "a,b\n1,2\n3,4\n"
@@ -274,6 +285,23 @@ CASES: list[Case] = [
         config="run_name: ../escape\n",
     ),
     Case(
+        "run-name-newline", "Config", "a run_name ending in a line break (`\"trail\\n\"`)", "00_setup",
+        "run_name must be a safe folder name (letters, digits, '.', '_', '-'; at most 64; no spaces or '/'), "
+        "got 'trail\\n' (has '\\n') — e.g. trail",
+        config='run_name: "trail\\n"\n',
+    ),
+    Case(
+        "yaml-alias-bomb", "Config", "a YAML alias bomb (aliases of aliases: billions of values)", "00_setup",
+        "config file '{dir}/lab.yml': its aliases (*name) expand to more than 100,000 values (an alias bomb?) — "
+        "write the values out, or use fewer aliases",
+        config=ALIAS_BOMB,
+    ),
+    Case(
+        "yaml-too-deep", "Config", "a YAML config nested thousands of levels deep", "00_setup",
+        "config file '{dir}/lab.yml' nests deeper than 50 levels — a config needs two or three: flatten it",
+        config="train: " + "[" * 3000 + "]" * 3000 + "\n",
+    ),
+    Case(
         "lab-run-name-unsafe", "Config", "LAB_RUN_NAME that is not a safe folder name", "00_setup",
         "LAB_RUN_NAME must be a safe folder name (letters, digits, '.', '_', '-'; at most 64; no spaces or '/'), "
         "got 'a b' (has ' ') — e.g. a-b",
@@ -302,6 +330,12 @@ CASES: list[Case] = [
         "model.name holds what looks like an access token — remove it from the config; tokens belong in Colab's "
         "secrets (key icon) or the HF_TOKEN / WANDB_API_KEY environment variables",
         config={"model": {"name": FAKE_SECRETS["HF_TOKEN"]}},
+    ),
+    Case(
+        "token-wandb-in-run-name", "Secrets", "a W&B key (40 hex characters) as the run_name", "00_setup",
+        "run_name holds what looks like an access token — remove it from the config; tokens belong in Colab's "
+        "secrets (key icon) or the HF_TOKEN / WANDB_API_KEY environment variables",
+        config="run_name: 0123456789abcdef0123456789abcdef01234567\n",
     ),
     # ------------------------------------------------------------------ Paths and storage
     Case(
@@ -390,6 +424,27 @@ CASES: list[Case] = [
         "'malformed_json' and listed in the report", exit=0,
         config={"data": {"path": "{dir}/rows.jsonl"}}, files={"rows.jsonl": pricer_jsonl(bad_lines={3: "{oops"})},
         before=("start",),
+    ),
+    Case(
+        "deep-jsonl-row", "Data", "a JSONL row nested thousands of levels deep (dropped, reported)", "01_data",
+        "⚠ 1 line(s) are not valid JSON objects (first: rows.jsonl line 3: nested deeper than 100 levels); they are "
+        "dropped as 'malformed_json' and listed in the report", exit=0,
+        config={"data": {"path": "{dir}/rows.jsonl"}}, files={"rows.jsonl": pricer_jsonl(bad_lines={3: DEEP_ROW})},
+        before=("start",),
+    ),
+    Case(
+        "invalid-utf8-line", "Data", "a JSONL line that is not UTF-8 text (dropped, reported)", "01_data",
+        "⚠ 1 line(s) are not valid JSON objects (first: rows.jsonl line 4: not valid UTF-8 text (byte 0xff at "
+        "column {…})); they are dropped as 'malformed_json' and listed in the report", exit=0,
+        config={"data": {"path": "{dir}/rows.jsonl"}},
+        files={"rows.jsonl": pricer_jsonl(bad_lines={4: '{"conversations": "\udcff\udcfe broken"}'})},
+        before=("start",),
+    ),
+    Case(
+        "csv-bom-ragged", "Data", "a CSV with a byte-order mark and a line with one cell too many", "01_data",
+        "data file '{dir}/rows.csv' line 4 has 3 cells, its header has 2 — put quotes around cells that contain "
+        "',' or a line break (\"a, b\"), or fix that line",
+        config={"data": {"path": "{dir}/rows.csv"}}, files={"rows.csv": CSV_BOM_RAGGED}, before=("start",),
     ),
     Case(
         "broken-json-array", "Data", "a JSON array file broken at one line", "01_data",
@@ -539,6 +594,27 @@ CASES: list[Case] = [
         "only {…} GiB free on {dir}/runs (checkpoint.min_free_gib: 1e+06) — free space (delete old runs or "
         "exports, then empty Drive's trash) or lower checkpoint.min_free_gib; nothing was written",
         config={"checkpoint": {"min_free_gib": 1e6}}, trained=True,
+    ),
+    Case(
+        "finished-run-rerun", "Runs", "02_train run again on a run that reached train.max_steps", "02_train",
+        "Run trained is finished: adapter at {dir}/runs/trained/adapter, step 4 of 4 — raise train.max_steps (or "
+        "num_train_epochs) to continue",
+        config={}, trained=True, exit=0,
+    ),
+    Case(
+        "processed-data-damaged", "Runs", "a processed-data .arrow file cut short (02_train)", "02_train",
+        "the processed data in {dir}/runs/trained/data/dataset is damaged ({…}) — run 01_data again to make it anew",
+        config={}, files={"runs/trained/data/dataset/train/data-00000-of-00001.arrow": "@truncate:2000"},
+        trained=True,
+    ),
+    Case(
+        "second-trainer", "Runs", "a second 02_train on a run another runtime is training (two tabs)", "02_train",
+        "run folder 'second-trainer' is being trained by another process (host other-colab-vm, pid 4242, started "
+        "2026-01-01 00:00:00 UTC, last heartbeat {…}) — two trainers would overwrite each other's checkpoints: stop "
+        "the other notebook's training cell (or close that tab); if that runtime is gone, run this again after 3 min "
+        "without its heartbeat and the lock is taken over",
+        config={"data": {"limit": 60}}, files={"runs/second-trainer/trainer.lock": OTHER_TRAINER},
+        before=("start", "01_data"),
     ),
     Case(
         "older-run-format", "Runs", "a run folder written by an older version (run.json format 0)", "00_setup",

@@ -95,8 +95,12 @@ def _write_files(case: Case, folder: Path) -> dict[Path, bytes | None]:
                 _model_without_chat_template(path)
             continue
         replaced[path] = path.read_bytes() if path.is_file() else None
+        if content.startswith("@truncate:"):  # an existing file cut short, as a disconnect mid-copy leaves it
+            path.write_bytes(replaced[path][: int(content.split(":", 1)[1])])
+            continue
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(content.replace("{dir}", str(folder)))
+        text = content.replace("{dir}", str(folder)).replace("{now}", str(time.time() + 600))
+        path.write_bytes(text.encode("utf-8", "surrogateescape"))  # "\udcff" writes the byte 0xff
     return replaced
 
 
@@ -323,6 +327,8 @@ def test_wrong_input_gets_one_line_and_leaves_saved_files_alone(case: Case, outc
         assert any(rx.fullmatch(line) for line in lines), f"no stdout line matches {case.message!r}"
         changed = [k for k, v in before.items() if after.get(k) != v]
         assert not changed, f"files that existed before changed: {changed}"
+        if case.trained:  # a finished run run again: not one file added or removed either
+            assert after == before, f"added {sorted(set(after) - set(before))}, removed {sorted(set(before) - set(after))}"
 
 
 def test_troubleshooting_doc_is_generated_from_the_table():
@@ -538,3 +544,134 @@ def test_notebook_form_fields_get_the_same_checks_as_the_yaml(lab_root):
         resolve_config(form={"train.learning_rate": "fast"})
     with pytest.raises(LabError, match=r"^unknown key lora.rank .*"):
         resolve_config(form={"lora.rank": 8})
+
+
+# ------------------------------------------------------------------ issue 14: no raw traceback, no secret written
+
+
+@pytest.mark.parametrize("writer", [
+    # the libraries' own exception types with the text their Rust io::Error carries (not OSError)
+    "from safetensors import SafetensorError; raise SafetensorError('Error while serializing: IoError(Os { code: 28, "
+    "kind: StorageFull, message: \"No space left on device\" })')",
+    "raise Exception('No space left on device (os error 28)')  # tokenizers' save()",
+    "import pyarrow as pa; raise pa.lib.ArrowIOError('IOError: [Errno 28] No space left on device')",
+])
+def test_disk_full_raised_by_rust_libraries_is_one_line(writer):
+    proc = _run_python(f"""
+        from lab_utils.errors import install_handler
+        install_handler()
+        {writer}
+    """)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("✗ the disk is full — free space")
+
+
+def test_a_folder_the_lab_may_not_write_is_one_line_naming_it():
+    proc = _run_python(f"""
+        from lab_utils.errors import install_handler
+        install_handler()
+        raise PermissionError({errno.EACCES}, "Permission denied", "/content/drive/MyDrive/qlora-lab/r/trainer.lock")
+    """)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        "✗ /content/drive/MyDrive/qlora-lab/r/trainer.lock cannot be written or read (permission denied) — check that "
+        "you can edit that folder (on Drive: your own folder, not a shared view), or use a new run_name / LAB_ROOT; "
+        "files saved before this point are intact"]
+
+
+def test_lock_in_a_read_only_run_folder_is_one_line_naming_the_folder():
+    from lab_utils.checkpoints import RunLock
+    from lab_utils.errors import LabError
+
+    with pytest.raises(LabError, match=r"^cannot write to the run folder /proc/self \(.*\) — it is read-only here"):
+        RunLock(Path("/proc/self")).acquire()  # not writable even for root
+
+
+@pytest.mark.parametrize("value", [
+    "hf_abcdefghijklmnopqrstuvwxyz0123",
+    "0123456789abcdef0123456789abcdef01234567",  # W&B: 40 hex
+    "sk-proj-abcdefghijklmnopqrstuvwxyz012345",
+    "ghp_abcdefghijklmnopqrstuvwxyz0123456789",
+    "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
+    "see hf_abcdefghijklmnopqrstuvwxyz0123 here",
+    "WANDB_API_KEY=0123456789abcdef0123456789abcdef01234567",
+])
+def test_every_common_token_shape_is_a_secret_in_config_and_card(value):
+    from lab_utils.config import is_secret, looks_like_secret
+    from lab_utils.export import _is_secret
+
+    assert looks_like_secret(value) and is_secret("data.system_prompt", value) and _is_secret("train.run_name", value)
+    assert value not in _refused("data", "system_prompt", value)
+
+
+@pytest.mark.parametrize("value", [
+    "pricer-demo", "embedded:tiny-llama", "unsloth/Llama-3.2-1B-Instruct", "0123456789abcdef",
+    "a" * 64, "sha256:" + "0" * 64, "You are a pricing assistant.",
+    "/root/.cache/huggingface/hub/models--org--m/snapshots/0123456789abcdef0123456789abcdef01234567",
+])
+def test_ordinary_values_are_not_secrets(value):
+    from lab_utils.config import looks_like_secret
+
+    assert not looks_like_secret(value)
+
+
+def test_a_git_commit_as_model_revision_is_not_a_wandb_key():
+    from lab_utils.config import DEFAULTS, validate
+
+    cfg = json.loads(json.dumps(DEFAULTS))
+    cfg["model"]["revision"] = "0123456789abcdef0123456789abcdef01234567"
+    assert validate(cfg)["model"]["revision"] == cfg["model"]["revision"]
+
+
+def test_lab_profile_for_one_session_is_not_written_into_the_saved_config(lab_root, monkeypatch):
+    from lab_utils.run import start
+
+    monkeypatch.setattr(sys, "_lab_hook_installed", True, raising=False)
+    run = start("profiled", quiet=True)
+    before = run.config_path.read_bytes()
+    monkeypatch.setenv("LAB_PROFILE", "cpu-smoke")
+    run = start("profiled", quiet=True)
+    assert run.config_path.read_bytes() == before
+    assert yaml.safe_load(before)["profile"] == "auto"
+
+
+@pytest.mark.slow
+def test_adapter_config_lists_target_modules_in_one_order(trained):
+    folder, _ = trained
+    run = folder / "runs" / "trained"
+    for cfg in [run / "adapter" / "adapter_config.json", *run.glob("checkpoints/checkpoint-*/adapter_config.json")]:
+        modules = json.loads(cfg.read_text())["target_modules"]
+        assert modules == sorted(modules), cfg
+
+
+def test_jsonl_lines_are_bounded_before_any_parser_sees_them(tmp_path):
+    from lab_utils.data import MAX_JSON_DEPTH, _scan_json_lines
+
+    rows = tmp_path / "rows.jsonl"
+    ok = json.dumps({"messages": [{"role": "user", "content": "[[[{{{ brackets in text are fine ]]]"}]})
+    rows.write_bytes(b"\n".join([
+        ok.encode(),
+        b"[" * 100_000 + b"]" * 100_000,  # would exhaust any recursive parser
+        b'{"a": "caf\xe9"}',  # Latin-1, not UTF-8
+        ("[" * MAX_JSON_DEPTH + "]" * MAX_JSON_DEPTH).encode(),  # at the bound: parsed (a list, not an object)
+        ok.encode(),
+    ]) + b"\n")
+    bad = {n: problem for n, problem, _ in _scan_json_lines(str(rows))}
+    assert bad == {2: f"nested deeper than {MAX_JSON_DEPTH} levels",
+                   3: "not valid UTF-8 text (byte 0xe9 at column 11)",
+                   4: "a JSON list, not an object"}
+
+
+def test_a_json_array_file_too_deep_or_not_utf8_is_one_line_naming_it(tmp_path):
+    from lab_utils.data import _check_json_array
+    from lab_utils.errors import LabError
+
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" + "[" * 50_000 + "]" * 50_000 + "]")
+    with pytest.raises(LabError, match=r"deep.json' nests deeper than 100 levels"):
+        _check_json_array(str(deep))
+    latin = tmp_path / "latin.json"
+    latin.write_bytes(b'[\n{"a": 1},\n{"b": "caf\xe9"}\n]')
+    with pytest.raises(LabError, match=r"latin.json' is not UTF-8 text \(byte 0xe9 at line 3\)"):
+        _check_json_array(str(latin))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -405,3 +406,27 @@ def test_push_real_calls_hub_and_hides_token(tmp_path, tiny, merged, monkeypatch
     assert up["repo_id"] == "student/tiny-run" and Path(up["folder_path"]) == out
     assert up["allow_patterns"] == files and "merged/model.safetensors" not in files
     _assert_secret_nowhere(out, cap.out, cap.err)
+
+
+def test_partial_files_of_a_killed_export_are_removed_and_never_listed(tmp_path):
+    import subprocess
+    import sys
+
+    from lab_utils.export import clean_leftovers, write_model_card
+
+    gguf = tmp_path / "export" / "gguf"
+    gguf.mkdir(parents=True)
+    (gguf / "run-f16.gguf").write_bytes(b"GGUF")
+    dead = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                              capture_output=True, text=True).stdout)
+    killed = gguf / f".run-q8_0.partial-{dead}.gguf"
+    killed.write_bytes(b"half")
+    half_dir = tmp_path / "export" / f".adapter.tmp-{dead}"
+    half_dir.mkdir()
+    running = gguf / f".run-q8_0.partial-{os.getppid()}.gguf"  # a live export (another process) keeps its file
+    running.write_bytes(b"in progress")
+    card = write_model_card(tmp_path / "export", run_name="run", base_model="b", config={}, metrics=None,
+                            data_report=None).read_text()
+    assert "`run-f16.gguf`" in card and "partial" not in card
+    assert sorted(clean_leftovers(tmp_path / "export")) == sorted([killed, half_dir])
+    assert not killed.exists() and not half_dir.exists() and running.exists()

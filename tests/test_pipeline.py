@@ -69,10 +69,18 @@ def test_local_folder_is_announced_off_colab(pipeline):
     assert "Runs folder:" in out["00_setup"].stdout and "LAB_ROOT" in out["00_setup"].stdout
 
 
-def test_rerunning_finished_training_resumes_at_the_end_and_keeps_the_adapter(pipeline):
+def _snapshot(folder):
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
+
+
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(pipeline):
     run, env, _ = pipeline
-    before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
+    before = _snapshot(run)
     proc = run_script("02_train", env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert "Resuming from checkpoint-60 (step 60 of 60" in proc.stdout
-    assert (run / "adapter" / "adapter_model.safetensors").read_bytes() == before
+    assert (f"Run e2e is finished: adapter at {run / 'adapter'}, step 60 of 60 — raise train.max_steps "
+            "(or num_train_epochs) to continue") in proc.stdout
+    assert "Resuming" not in proc.stdout and "Saved adapter" not in proc.stdout
+    after = _snapshot(run)
+    assert after.keys() == before.keys(), f"added {set(after) - set(before)}, removed {set(before) - set(after)}"
+    assert [k for k in before if after[k] != before[k]] == [], "byte-identical run folder: no training, no pruning"

@@ -98,7 +98,29 @@ def test_resume_skips_checkpoint_cut_off_mid_save(straight, lab_root, capsys):
     assert _max_diff(_adapter(run.dir), reference) == 0.0
     from lab_utils.checkpoints import check_checkpoint
 
-    assert check_checkpoint(ck) is None, "reaching step 20 again writes a complete checkpoint-20 over the cut-off one"
+    assert check_checkpoint(ck) is None, "reaching step 20 again writes a complete checkpoint-20"
+    (aside,) = (run.dir / "set-aside").glob("checkpoint-20-*")
+    assert (aside / "optimizer.pt").stat().st_size == 100, "the cut-off folder was moved aside, not written into"
+
+
+def test_same_size_nan_checkpoint_is_named_moved_aside_and_the_previous_one_resumed(straight, lab_root, capsys):
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    reference, _ = straight
+    run, _ = _train("nan", stop_at=20)
+    path = run.checkpoints_dir / "checkpoint-20" / "adapter_model.safetensors"
+    size = path.stat().st_size
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(str(path)).items()}, str(path))
+    assert path.stat().st_size == size  # header intact, same size: the manifest's sizes alone would pass it
+    run, plan = _train("nan")
+    out = capsys.readouterr().out
+    assert "Skipping checkpoint-20: damaged — adapter_model.safetensors is not what was saved" in out
+    assert "Moved checkpoint-20 aside →" in out and "Resuming from checkpoint-10 (step 10 of 30" in out
+    assert plan.checkpoint.name == "checkpoint-10"
+    assert _max_diff(_adapter(run.dir), reference) == 0.0, "no NaN trained on: equal to the uninterrupted run"
+    (aside,) = (run.dir / "set-aside").glob("checkpoint-20-*")
+    assert torch.isnan(next(iter(load_file(str(aside / "adapter_model.safetensors")).values()))).all()
 
 
 def test_changed_lora_rank_is_refused_on_rerun_with_the_changed_key_named(lab_root):
@@ -200,3 +222,29 @@ def test_stop_button_saves_a_complete_checkpoint_before_training_stops(lab_root,
     assert check_checkpoint(ck) is None, "the checkpoint saved on stop is complete"
     assert "Stopped at step 12: saved checkpoint-12" in capsys.readouterr().out
     assert json.loads((run.dir / "log_history.json").read_text()), "the loss history is kept"
+
+
+_SAVE_ADAPTER_CONFIG = """
+import sys
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+from lab_utils.embedded import EMBEDDED_MODEL, resolve_model
+from lab_utils.training import _canonical_target_modules
+model = AutoModelForCausalLM.from_pretrained(str(resolve_model(EMBEDDED_MODEL)))
+model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+_canonical_target_modules(model)  # what build_trainer does before the first checkpoint
+model.save_pretrained(sys.argv[1])
+"""
+
+
+def test_adapter_config_is_byte_identical_across_processes(tmp_path):
+    # PEFT keeps target_modules as a set: its order followed each process's string hashing, so a checkpoint
+    # written before a disconnect and the final adapter written after it differed, and 03 compared them
+    configs = []
+    for seed in ("1", "2"):
+        out = tmp_path / seed
+        proc = subprocess.run([sys.executable, "-c", _SAVE_ADAPTER_CONFIG, str(out)], capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        configs.append((out / "adapter_config.json").read_bytes())
+    assert configs[0] == configs[1]
