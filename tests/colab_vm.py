@@ -1,7 +1,8 @@
 """A simulated Colab VM for end-to-end stories: what a student's runtime is, minus the GPU.
 
-Each `ColabVM` is one runtime: a fresh HOME and caches, an environment built from nothing (no LAB_*
-variable survives a reconnect), and a stand-in `google.colab` package on PYTHONPATH whose
+Each `ColabVM` is one runtime: a fresh HOME and caches (the same path on every VM, as Colab's
+/root, but emptied at each connect), an environment built from nothing (no LAB_* variable survives a
+reconnect), and a stand-in `google.colab` package on PYTHONPATH whose
 `drive.mount(path)` makes `path/MyDrive`, as Colab's does. Drive itself is a folder that outlives
 every VM. On a machine where /content cannot be written, the mount point is that folder, named by
 LAB_DRIVE_MOUNT (read by lab_utils.environment.drive_mount; a real Colab never sets it).
@@ -13,9 +14,10 @@ does) and a stand-in `unsloth` that records when it was imported. Nothing else i
 
 from __future__ import annotations
 
+import ast
 import json
 import os
-import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -82,8 +84,9 @@ torch.cuda.is_bf16_supported = lambda including_emulation=True: True  # torch 2.
 class ColabVM:
     """One Colab runtime: run notebooks as scripts in it; its disk goes with it, Drive stays."""
 
-    def __init__(self, folder: Path, drive: Path, gpu: str | None = None):
+    def __init__(self, folder: Path, drive: Path, gpu: str | None = None, root: Path | None = None):
         self.dir, self.drive, self.gpu = folder, drive, gpu
+        self.root = root or folder / "root"  # the VM's disk: HOME, caches, /tmp, /content
         self.log = folder / "vm-log.jsonl"
         stub = folder / "site"
         for name, text in _COLAB.items():
@@ -94,7 +97,7 @@ class ColabVM:
             (stub / "unsloth" / "__init__.py").write_text(_UNSLOTH)
             (stub / "sitecustomize.py").write_text(_SITECUSTOMIZE.format(gpu=GPUS[gpu]))
         for sub in ("home", "tmp", "content"):
-            (folder / sub).mkdir(parents=True, exist_ok=True)
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.log.touch()
 
     @property
@@ -107,8 +110,8 @@ class ColabVM:
         return {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
             "LANG": "C.UTF-8",
-            "HOME": str(self.dir / "home"),
-            "TMPDIR": str(self.dir / "tmp"),
+            "HOME": str(self.root / "home"),
+            "TMPDIR": str(self.root / "tmp"),
             "PYTHONPATH": str(self.dir / "site"),
             "PYTHONUNBUFFERED": "1",
             "HF_HUB_OFFLINE": "1",  # no hub here; the embedded model takes the hub path's code
@@ -122,33 +125,41 @@ class ColabVM:
         path = NOTEBOOKS / f"{name}.py"
         if not knobs:
             return path
-        text = path.read_text()
+        lines = path.read_text().splitlines()
         for knob, value in knobs.items():
-            line = f"{knob} = {value!r}  # edited"
-            text, n = re.subn(rf"^{knob} = .*$", lambda _m, line=line: line, text, count=1, flags=re.M)
-            assert n == 1, f"{name} has no knob {knob}"
-        edited = self.dir / "content" / f"{name}.py"
+            first = next((i for i, ln in enumerate(lines) if ln.startswith(f"{knob} = ")), None)
+            assert first is not None, f"{name} has no knob {knob}"
+            last = first  # a knob may span lines (a dict): up to where the assignment parses
+            while True:
+                try:
+                    ast.parse("\n".join(lines[first : last + 1]))
+                    break
+                except SyntaxError:
+                    last += 1
+            lines[first : last + 1] = [f"{knob} = {value!r}  # edited"]
+        text = "\n".join(lines) + "\n"
+        edited = self.root / "content" / f"{name}.py"
         edited.write_text(text)
         return edited
 
     def run(self, name: str, knobs: dict[str, object] | None = None, timeout: int = 900) -> subprocess.CompletedProcess:
         """Run a notebook top to bottom as a script in this VM; return the finished process."""
         return subprocess.run(
-            [sys.executable, str(self.script(name, knobs))], env=self.env(), cwd=self.dir / "content",
+            [sys.executable, str(self.script(name, knobs))], env=self.env(), cwd=self.root / "content",
             capture_output=True, text=True, timeout=timeout,
         )
 
     def python(self, code: str, timeout: int = 300) -> subprocess.CompletedProcess:
         """Run `python -c code` in this VM (a notebook cell on its own)."""
         return subprocess.run(
-            [sys.executable, "-c", code], env=self.env(), cwd=self.dir / "content",
+            [sys.executable, "-c", code], env=self.env(), cwd=self.root / "content",
             capture_output=True, text=True, timeout=timeout,
         )
 
     def kill_when(self, name: str, ready, timeout: float = 900) -> None:
         """Run a notebook and SIGKILL it (a disconnect) as soon as ready() is true; AssertionError if it never is."""
         proc = subprocess.Popen(
-            [sys.executable, str(self.script(name))], env=self.env(), cwd=self.dir / "content",
+            [sys.executable, str(self.script(name))], env=self.env(), cwd=self.root / "content",
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + timeout
@@ -174,6 +185,8 @@ class Colab:
         self.count = 0
 
     def connect(self, gpu: str | None = None) -> ColabVM:
-        """Return a fresh VM (new disk, HOME, caches, environment) attached to the same Drive."""
+        """Return a fresh VM (emptied disk, HOME and caches, a new environment) attached to the same Drive."""
         self.count += 1
-        return ColabVM(self.folder / f"vm{self.count}", self.drive, gpu)
+        root = self.folder / "vm-disk"
+        shutil.rmtree(root, ignore_errors=True)  # the previous VM is gone, and its disk with it
+        return ColabVM(self.folder / f"vm{self.count}", self.drive, gpu, root)

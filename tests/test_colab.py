@@ -171,7 +171,7 @@ def test_the_unsloth_path_gets_every_lora_key_and_the_same_base_as_the_plain_pat
     from lab_utils.config import resolve_config
     from lab_utils.model import compute_dtype, load_for_training, loaded_base
 
-    cfg = resolve_config(form={**SMALL, "lora.use_dora": True, "lora.layers_to_transform": [0],
+    cfg = resolve_config(form={**SMALL, "lora.use_dora": True, "lora.use_rslora": True,
                                "lora.init_lora_weights": "gaussian"})
     calls: list = []
     monkeypatch.setitem(sys.modules, "unsloth", _recording_unsloth(calls))
@@ -289,3 +289,18 @@ def test_readme_lists_every_knob_of_00_setup_and_the_notebooks_that_need_no_gpu(
         if knob not in ("RUN_NAME",):
             assert f"`{knob}`" in section, knob
     assert re.search(r"01_data.*04_export.*CPU runtime", section, flags=re.S)
+
+
+# ── found by the simulated VM: the embedded data is rebuilt on every fresh VM ──────────────────
+def test_the_embedded_datas_identity_survives_its_rebuild_on_a_new_vm():
+    import os
+
+    from lab_utils.config import resolve_config
+    from lab_utils.data import _source_identity
+    from lab_utils.embedded import resolve_data
+
+    cfg = resolve_config(form=SMALL)
+    before = _source_identity(cfg)
+    built = Path(resolve_data(cfg["data"]["path"]))
+    os.utime(built, ns=(1, 1))  # what a rebuild on a fresh VM changes
+    assert _source_identity(cfg) == before and str(built.parent) not in json.dumps(before)
