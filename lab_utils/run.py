@@ -21,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from .config import (
+    check_run_name,
     check_with_libraries,
     diff_configs,
     dump_yaml,
@@ -279,6 +280,7 @@ def read_pointer(root: Path) -> tuple[str, str]:
         raise LabError(
             f"{path} is damaged — run 00_setup again (it rewrites it), or set RUN_NAME; {_runs_listed(root)}"
         ) from None
+    check_run_name(name, str(path))  # a hand-edited pointer never leads outside the runs folder
     return name, f"Run {name}, set up in 00_setup on {when}"
 
 

@@ -55,7 +55,7 @@ def chain(tmp_path_factory):
     killed_at = _complete(run_dir)
     vm2 = colab.connect()  # a new VM: fresh disk and environment, same Drive
     out["02"] = _ok(vm2.run("02_train"), "02_train after the reconnect")
-    out["03"] = _ok(vm2.run("03_evaluate"), "03_evaluate")
+    out["03"] = _ok(vm2.run("03_evaluate", {"EVAL_ROWS": 16}), "03_evaluate")  # RUN_NAME left empty
     vm3 = colab.connect()
     out["04"] = _ok(vm3.run("04_export"), "04_export")
     return colab, run_dir, killed_at, out
@@ -104,10 +104,20 @@ def test_a_name_that_is_no_run_is_refused_with_the_runs_on_drive(chain, tmp_path
 
 
 def test_on_a_t4_vm_unsloth_is_imported_before_transformers_and_bf16_is_off(tmp_path):
+    # The simulated GPU stops at torch.cuda: bitsandbytes' CUDA backend cannot load on this machine, so
+    # the VM runs what start() does before any config check (its first call), not a whole notebook.
     vm = Colab(tmp_path).connect(gpu="T4")
-    out = _ok(vm.run("00_setup", KNOBS_00), "00_setup on a simulated T4")
+    cell = (
+        "import lab_utils as lab\n"
+        "from lab_utils import environment, run, model\n"  # every module start() needs, imported first
+        "ok, why = environment.import_unsloth_first()\n"
+        "print('dtype', model.compute_dtype())\n"
+        "for what, value in environment.environment_report():\n"
+        "    print(what, '|', value)\n"
+    )
+    out = _ok(vm.python(cell), "start()'s first steps on a simulated T4")
     imports = [e for e in vm.events() if e["event"] == "import unsloth"]
-    assert imports and imports[0]["already_imported"] == [], "unsloth comes before transformers, trl and peft"
-    assert "no (fp16 will be used)" in out and "unsloth fast path" in out
-    lines = [ln for ln in out.splitlines() if "bf16" in ln]
-    assert lines and all("yes" not in ln for ln in lines), lines
+    assert imports == [{"event": "import unsloth", "already_imported": []}], "unsloth before transformers/trl/peft"
+    assert "bf16 | no (fp16 will be used)" in out and "dtype torch.float16" in out
+    assert "GPU | Tesla T4" in out and "training path | unsloth fast path (CUDA GPU and unsloth installed)" in out
+    assert "Colab | yes" in out
