@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean
+.PHONY: install demo test bench lint clean colab-deps-check
 
 install: $(STAMP)
 
@@ -28,7 +28,12 @@ bench: install
 	$(BIN)/python bench/resume_overhead.py
 
 lint: install
-	$(BIN)/ruff check lab_utils tests bench notebooks/*.py
+	$(BIN)/ruff check lab_utils tests bench tools notebooks/*.py
+
+# Would the notebooks' install cell change Colab's torch/torchvision/numpy? pip's resolver, run on the
+# cell's own commands in a throwaway venv holding a Colab-like preinstalled set (needs the package index).
+colab-deps-check: install
+	$(BIN)/python tools/colab_deps_check.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-colab-check runs .pytest_cache

@@ -183,6 +183,9 @@ def chat_widget(
     if show and in_notebook():
         from IPython.display import display
 
+        from .environment import enable_colab_widgets
+
+        enable_colab_widgets()  # Colab's built-in manager renders ipywidgets 7 only; this lab ships 8
         display(ui.widget)
         print(f"Chatting with {why}. Reset starts a new conversation.")
     else:

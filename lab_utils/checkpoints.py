@@ -216,7 +216,8 @@ def scan_checkpoints(folder: Path) -> tuple[list[tuple[int, Path]], list[str]]:
     return complete, skipped
 
 
-IDENTITY_KEYS = ("model", "max_length", "lora", "data_fingerprint", "effective_batch", "optim", "load_in_4bit", "packing")
+# Not packing: the hardware chooses it, and a resume on other hardware keeps the run's first choice (training.py).
+IDENTITY_KEYS = ("model", "max_length", "lora", "data_fingerprint", "effective_batch", "optim", "load_in_4bit")
 
 
 def identity_changes(saved: dict, current: dict) -> dict[str, tuple[Any, Any]]:

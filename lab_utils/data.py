@@ -471,6 +471,9 @@ def load_source(cfg: dict):
 
 
 def _source_identity(cfg: dict) -> dict:
+    if is_embedded(cfg["data"]["path"]):  # rebuilt on every fresh VM (new mtime): its name and size say it all
+        built = Path(resolve_data(cfg["data"]["path"]))
+        return {"embedded": cfg["data"]["path"], "file": built.name, "size": built.stat().st_size}
     spec = resolve_data(cfg["data"]["path"])
     p = Path(spec).expanduser()
     if p.exists():

@@ -146,6 +146,8 @@ def detect_hardware() -> Hardware:
     import torch
 
     if torch.cuda.is_available():
+        from .environment import bf16_capable
+
         props = torch.cuda.get_device_properties(0)
         major, minor = torch.cuda.get_device_capability(0)
         return Hardware(
@@ -153,7 +155,7 @@ def detect_hardware() -> Hardware:
             name=props.name,
             memory_gib=round(props.total_memory / GIB, 2),
             capability=(major, minor),
-            bf16=(major, minor) >= (8, 0),
+            bf16=bf16_capable((major, minor)),
         )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():

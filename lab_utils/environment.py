@@ -1,7 +1,9 @@
 """Where the lab runs: Colab or not, Drive, the runs folder, the GPU, secrets.
 
-Every call into Colab's own module (`google.colab.drive`, `google.colab.userdata`) lives here and
-nowhere else, so the rest of the package runs unchanged on any machine.
+Every call into Colab's own module (`google.colab.drive`, `google.colab.userdata`,
+`google.colab.output`) lives here and nowhere else, so the rest of the package runs unchanged on any
+machine. Here too: the one bf16 decision (`bf16_capable`) and importing unsloth before
+transformers/trl/peft (`import_unsloth_first`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,28 @@ __all__ = [
     "hub_reachable",
     "hub_offline",
     "check_hub_repo",
+    "bf16_capable",
+    "import_unsloth_first",
+    "enable_colab_widgets",
+    "drive_mount",
 ]
 
 DRIVE_MOUNT = "/content/drive"
 DRIVE_ROOT = "/content/drive/MyDrive/qlora-lab"
+
+
+def drive_mount() -> str:
+    """Return where Google Drive is mounted: /content/drive, as on Colab.
+
+    LAB_DRIVE_MOUNT replaces it for a stand-in `google.colab` only (tests/colab_vm.py simulates a Colab
+    VM on a machine where /content cannot be written); a real Colab runtime never sets it.
+    """
+    return os.environ.get("LAB_DRIVE_MOUNT") or DRIVE_MOUNT
+
+
+def drive_root() -> Path:
+    """Return the runs folder on Drive: <mount>/MyDrive/qlora-lab."""
+    return Path(drive_mount()) / "MyDrive" / "qlora-lab"
 
 
 def in_colab() -> bool:
@@ -48,20 +68,21 @@ def in_colab() -> bool:
 def on_drive_path(path: str | os.PathLike) -> bool:
     """Return True when path (existing or not) lies under Colab's Drive mount point."""
     p = os.path.abspath(os.path.expanduser(str(path)))
-    return p == DRIVE_MOUNT or p.startswith(DRIVE_MOUNT + os.sep)
+    mount = drive_mount()
+    return p == mount or p.startswith(mount + os.sep)
 
 
 def mount_drive() -> bool:
     """Mount Google Drive on Colab and return True; return False elsewhere. LabError if mounting fails."""
     if not in_colab():
         return False
-    my_drive = os.path.join(DRIVE_MOUNT, "MyDrive")
+    my_drive = os.path.join(drive_mount(), "MyDrive")
     if os.path.isdir(my_drive):
         return True
     from google.colab import drive  # type: ignore[import-not-found]
 
     try:
-        drive.mount(DRIVE_MOUNT)
+        drive.mount(drive_mount())
     except Exception as e:  # the mount dialog was dismissed, timed out, or Drive is unavailable
         reason = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
         raise LabError(
@@ -128,7 +149,7 @@ def lab_root(mounted: bool | None = None) -> tuple[Path, str]:
                 "Google Drive is not mounted, so checkpoints would vanish with this runtime — "
                 "run the setup cell again and allow Drive access, or set LAB_ROOT explicitly"
             )
-        root = Path(DRIVE_ROOT)
+        root = drive_root()
         origin = "Drive"
         why = f"Runs folder: {root} (Google Drive: survives disconnects)"
     else:
@@ -235,7 +256,7 @@ def hub_offline() -> bool:
 
 def on_drive(path: Path) -> bool:
     """Return True when path lies on the mounted Google Drive (deleted files go to its trash)."""
-    return str(Path(path).resolve()).startswith(DRIVE_MOUNT)
+    return str(Path(path).resolve()).startswith(str(Path(drive_mount()).resolve()))
 
 
 def free_gib(path: Path) -> float:
@@ -261,17 +282,83 @@ def get_secret(name: str) -> str | None:
     return None
 
 
-def training_path() -> tuple[str, str]:
-    """Return ("unsloth" | "plain", one-line reason) for the training path this machine takes."""
+def bf16_capable(capability: tuple[int, int] | None = None) -> bool:
+    """Return True when the GPU (CUDA device 0, or the given compute capability) has native bf16: capability >= 8.0.
+
+    The one bf16 decision: torch.cuda.is_bf16_supported() is not asked, since in torch 2.13 it counts
+    emulation and says True on a T4 (7.5), where bf16 is slow and training uses fp16.
+    """
+    if capability is None:
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        capability = tuple(torch.cuda.get_device_capability(0))
+    return tuple(capability) >= (8, 0)
+
+
+_PLAIN = "plain transformers + peft + bitsandbytes"
+_unsloth_import: dict[str, tuple[bool, str]] = {}  # the outcome of importing unsloth, once per process
+
+
+def _unsloth_wanted() -> str | None:
+    """Return why unsloth is not for this machine (LAB_NO_UNSLOTH, no CUDA GPU, not installed), or None."""
+    if os.environ.get("LAB_NO_UNSLOTH"):
+        return "LAB_NO_UNSLOTH is set"
     import torch
 
-    if os.environ.get("LAB_NO_UNSLOTH"):
-        return "plain", "plain transformers + peft + bitsandbytes (LAB_NO_UNSLOTH is set)"
     if not torch.cuda.is_available():
-        return "plain", "plain transformers + peft + bitsandbytes (no CUDA GPU; unsloth needs one)"
+        return "no CUDA GPU; unsloth needs one"
     if importlib.util.find_spec("unsloth") is None:
-        return "plain", "plain transformers + peft + bitsandbytes (unsloth is not installed)"
-    return "unsloth", "unsloth fast path (CUDA GPU and unsloth installed)"
+        return "unsloth is not installed"
+    return None
+
+
+def import_unsloth_first() -> tuple[bool, str]:
+    """Return (True, why) once unsloth is imported, before transformers/trl/peft where possible; (False, why) for the plain path.
+
+    start() calls it first: unsloth patches transformers, trl and peft only when it is imported before
+    them (it warns otherwise). An import that fails (any error: a torch it does not support, a missing
+    kernel) means the plain path, said in one line.
+    """
+    not_for_us = _unsloth_wanted()
+    if not_for_us:
+        return False, f"{_PLAIN} ({not_for_us})"
+    if "result" not in _unsloth_import:
+        late = [m for m in ("transformers", "trl", "peft") if m in sys.modules]
+        try:
+            importlib.import_module("unsloth")
+        except Exception as e:  # any failure means the plain path, never a crash
+            text = " ".join(str(e).split())[:160] or type(e).__name__
+            print(f"⚠ unsloth could not be imported ({type(e).__name__}: {text}) — training takes the plain path")
+            _unsloth_import["result"] = (False, f"{_PLAIN} (unsloth failed to import: {type(e).__name__}: {text})")
+        else:
+            note = (
+                f"; imported after {', '.join(late)}: restart the session and run all cells for its full speed"
+                if late
+                else ""
+            )
+            _unsloth_import["result"] = (True, f"unsloth fast path (CUDA GPU and unsloth installed{note})")
+    return _unsloth_import["result"]
+
+
+def training_path() -> tuple[str, str]:
+    """Return ("unsloth" | "plain", one-line reason) for the training path this machine takes."""
+    ok, why = import_unsloth_first()
+    return ("unsloth" if ok else "plain"), why
+
+
+def enable_colab_widgets() -> bool:
+    """Return True after letting Colab render ipywidgets 8 (its built-in manager renders 7 only); False off Colab."""
+    if not in_colab():
+        return False
+    try:
+        from google.colab import output  # type: ignore[import-not-found]
+
+        output.enable_custom_widget_manager()
+    except Exception:  # an older Colab without it: the widget may still render through the built-in manager
+        return False
+    return True
 
 
 def environment_report(root: Path | None = None) -> list[tuple[str, str]]:
@@ -285,7 +372,7 @@ def environment_report(root: Path | None = None) -> list[tuple[str, str]]:
             ("GPU", props.name),
             ("GPU memory", f"{props.total_memory / 2**30:.1f} GiB"),
             ("compute capability", f"{props.major}.{props.minor}"),
-            ("bf16", "yes" if torch.cuda.is_bf16_supported() else "no (fp16 will be used)"),
+            ("bf16", "yes" if bf16_capable((props.major, props.minor)) else "no (fp16 will be used)"),
         ]
     else:
         rows += [("GPU", "none (CPU only: fine for the embedded demo, slow for real models)")]

@@ -24,11 +24,9 @@ __all__ = [
     "check_model_source",
     "check_target_modules",
     "remote_code",
+    "loaded_base",
+    "unsloth_lora_kwargs",
 ]
-
-# What "all-linear" means for a Llama-style decoder: every projection, never the LM head.
-LLAMA_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
 
 def model_source(cfg: dict) -> str:
     """Return the path or hub id the model weights load from (embedded names resolved)."""
@@ -186,7 +184,9 @@ def compute_dtype(device: str | None = None):
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device != "cuda":
         return torch.float32
-    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    from .environment import bf16_capable
+
+    return torch.bfloat16 if bf16_capable() else torch.float16
 
 
 def load_base_model(cfg: dict, *, four_bit: bool | None = None, dtype=None, attn_implementation: str | None = None):
@@ -260,38 +260,78 @@ def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
         raise LabError(f"peft could not add the LoRA adapters ({text}) — change the lora: keys it names") from None
 
 
-def _load_unsloth(cfg: dict, gradient_checkpointing: bool):
-    from unsloth import FastLanguageModel  # type: ignore[import-not-found]
+def unsloth_lora_kwargs(cfg: dict) -> dict[str, Any]:
+    """Return FastLanguageModel.get_peft_model's LoRA arguments: exactly the plain path's LoraConfig.
 
-    model, tok = FastLanguageModel.from_pretrained(
+    "all-linear" goes through as it is (unsloth resolves it like PEFT, for any architecture); every
+    other `lora:` key is a LoraConfig field, which unsloth passes on to LoraConfig; peft's defaults are
+    sent where unsloth's differ (r, lora_alpha). task_type is set by unsloth: only CAUSAL_LM is possible.
+    """
+    lora = dict(cfg["lora"])
+    task = lora.pop("task_type", "CAUSAL_LM")
+    if str(task) != "CAUSAL_LM":
+        raise LabError(
+            f"lora.task_type {task!r} cannot be trained by the lab (a causal language model) — remove lora.task_type"
+        )
+    plain = lora_config(cfg)
+    kwargs: dict[str, Any] = {
+        "r": plain.r,
+        "lora_alpha": plain.lora_alpha,
+        "lora_dropout": plain.lora_dropout,
+        "bias": plain.bias,
+        "use_rslora": plain.use_rslora,
+        "init_lora_weights": plain.init_lora_weights,
+    }
+    kwargs.update(lora)
+    kwargs["target_modules"] = lora.get("target_modules", "all-linear")
+    return kwargs
+
+
+def loaded_base(model) -> dict[str, str]:
+    """Return {"path", "base"}: the training path and the base weights actually loaded (for the run's identity)."""
+    return dict(getattr(model, "_lab_loaded", {}) or {})
+
+
+def _mark_loaded(model, path: str, cfg: dict):
+    base = getattr(getattr(model, "config", None), "_name_or_path", None) or model_source(cfg)
+    model._lab_loaded = {"path": path, "base": str(base)}
+    return model
+
+
+def _load_unsloth(cfg: dict, gradient_checkpointing: bool):
+    """Return (peft_model, tokenizer) through unsloth, or None (one line says why) when unsloth cannot be imported."""
+    try:
+        from unsloth import FastLanguageModel  # type: ignore[import-not-found]
+    except Exception as e:  # a broken install or a torch it does not support: the plain path trains the same
+        print(f"⚠ unsloth could not be imported ({type(e).__name__}: {str(e)[:120]}) — training takes the plain path")
+        return None
+    lora = unsloth_lora_kwargs(cfg)  # refused keys before anything loads
+    model, _ = FastLanguageModel.from_pretrained(
         model_name=model_source(cfg),
         max_seq_length=int(cfg["model"]["max_length"]),
         load_in_4bit=bool(cfg["model"].get("load_in_4bit", True)),
-        dtype=None,  # unsloth picks bf16 where supported, fp16 on a T4
+        dtype=compute_dtype(),  # the one bf16 decision: fp16 on a T4
+        use_exact_model_name=True,  # the named weights, as 03_evaluate and 04_export load them (no -bnb-4bit swap)
+        revision=cfg["model"].get("revision"),
         trust_remote_code=remote_code(cfg),
     )
-    lora = dict(cfg["lora"])
-    targets = lora.pop("target_modules", "all-linear")
-    if targets == "all-linear":
-        targets = LLAMA_PROJECTIONS
     model = FastLanguageModel.get_peft_model(
         model,
-        target_modules=targets,
         use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
         random_state=int(cfg["train"].get("seed", 42)),
-        **{k: v for k, v in lora.items() if k in ("r", "lora_alpha", "lora_dropout", "bias", "use_rslora")},
+        **lora,
     )
-    if tok.pad_token is None:
-        tok.pad_token = tok.unk_token or tok.eos_token
-    return model, tok
+    return _mark_loaded(model, "unsloth", cfg), load_tokenizer(cfg)  # the plain path's tokenizer and chat template
 
 
 def load_for_training(cfg: dict, path: str, *, gradient_checkpointing: bool = False, attn_implementation: str | None = None):
     """Return (peft_model, tokenizer) on the chosen path ("unsloth" or "plain")."""
     if path == "unsloth":
-        return _load_unsloth(cfg, gradient_checkpointing)
+        loaded = _load_unsloth(cfg, gradient_checkpointing)
+        if loaded is not None:
+            return loaded
     tok = load_tokenizer(cfg)
     model = load_base_model(cfg, attn_implementation=attn_implementation)
     if gradient_checkpointing:
         model.config.use_cache = False
-    return add_lora(model, cfg, gradient_checkpointing=gradient_checkpointing), tok
+    return _mark_loaded(add_lora(model, cfg, gradient_checkpointing=gradient_checkpointing), "plain", cfg), tok

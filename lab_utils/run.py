@@ -3,10 +3,14 @@
 `start()` mounts Drive (on Colab), finds the runs folder, resolves the config, and compares it
 with the run's saved `config.yaml`: the first time it writes it; later, changes that would mix
 two runs are refused with the changed keys named, harmless ones are applied and listed.
+
+Only 00_setup creates a run (01–05 pass create=False), and it leaves a pointer in the runs folder
+(`current_run.json`): 01–05, reopened on a fresh VM with RUN_NAME empty, open that run.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
 import os
@@ -17,6 +21,7 @@ from typing import Any
 
 from . import __version__
 from .config import (
+    check_run_name,
     check_with_libraries,
     diff_configs,
     dump_yaml,
@@ -25,11 +30,12 @@ from .config import (
     resolve_config,
     validate,
 )
-from .environment import lab_root
+from .environment import import_unsloth_first, lab_root
 from .errors import LabError, install_handler
 
-__all__ = ["Run", "start", "RUN_FORMAT"]
+__all__ = ["Run", "start", "RUN_FORMAT", "POINTER", "adopt_settings"]
 
+POINTER = "current_run.json"  # in the runs folder: the run 00_setup set up last
 RUN_FORMAT = 1  # bump when the run folder's layout changes; older folders get a clear message
 
 # Changes a re-run may make to a run that already has checkpoints; anything else would mix two runs.
@@ -238,11 +244,98 @@ def _archive(run_dir: Path) -> Path:
     return dest
 
 
-def start(run_name: str | None = None, form: dict | None = None, *, restart: bool = False, quiet: bool = False) -> Run:
+def _runs_in(root: Path) -> list[str]:
+    """Return the names of the runs in root (folders holding a config.yaml), sorted."""
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if (p / "config.yaml").is_file())
+
+
+def _runs_listed(root: Path) -> str:
+    names = _runs_in(root)
+    return f"runs in {root}: {', '.join(names)}" if names else f"there is no run in {root} yet"
+
+
+def write_pointer(root: Path, name: str) -> Path:
+    """Record name as the run 00_setup set up (root/current_run.json, written atomically); return its path."""
+    path = root / POINTER
+    tmp = path.with_name(f".{POINTER}.{os.getpid()}.tmp")
+    body = {"run_name": name, "set_up": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    tmp.write_text(json.dumps(body))
+    os.replace(tmp, path)
+    return path
+
+
+def read_pointer(root: Path) -> tuple[str, str]:
+    """Return (run name, one line naming it) from the runs folder's pointer; LabError when it is missing or damaged."""
+    path = root / POINTER
+    if not path.exists():
+        raise LabError(
+            f"no run has been set up in {root} yet — run 00_setup first (it writes the run's config), "
+            "or set RUN_NAME to the run to open"
+        )
+    try:
+        body = json.loads(path.read_text())
+        name, when = str(body["run_name"]), str(body.get("set_up", "an unknown date"))
+    except (OSError, ValueError, KeyError, TypeError):
+        raise LabError(
+            f"{path} is damaged — run 00_setup again (it rewrites it), or set RUN_NAME; {_runs_listed(root)}"
+        ) from None
+    check_run_name(name, str(path))  # a hand-edited pointer never leads outside the runs folder
+    return name, f"Run {name}, set up in 00_setup on {when}"
+
+
+def _has_results(run_dir: Path) -> bool:
+    return any((run_dir / n).exists() for n in ("checkpoints", "adapter"))
+
+
+def adopt_settings(run: Run, settings: dict[str, Any], origin: str) -> bool:
+    """Write dotted settings into the run's config.yaml on Drive (02_train then trains with them, after a reconnect too); return True when written.
+
+    Allowed while the run has no training results; otherwise one line says how to train them (a new
+    run_name), and nothing changes. With LAB_CONFIG set that file rules, so nothing is written either.
+    """
+    from .config import _set_dotted
+
+    if os.environ.get("LAB_CONFIG"):
+        print(f"LAB_CONFIG is set, so 02_train reads {os.environ['LAB_CONFIG']}: {origin} not written into run {run.name!r}")
+        return False
+    if _has_results(run.dir):
+        print(
+            f"✗ {origin} not applied: run {run.name!r} already has training results — to train them, set a new "
+            "RUN_NAME with these values in 00_setup (or use the saved config as LAB_CONFIG)"
+        )
+        return False
+    saved = _load_saved(run.config_path)
+    new = copy.deepcopy(saved)
+    for key, value in settings.items():
+        _set_dotted(new, key, value)
+    new = validate(new)
+    changes = diff_configs(saved, new)
+    if changes:
+        dump_yaml(new, run.config_path)
+        run.cfg = new
+    listed = ", ".join(f"{k}: {a!r} → {b!r}" for k, (a, b) in changes.items()) or "no change"
+    print(f"{origin} applied to run {run.name!r} ({listed}) → {run.display(run.config_path)}; 02_train trains with it")
+    return True
+
+
+def start(
+    run_name: str | None = None,
+    form: dict | None = None,
+    *,
+    restart: bool = False,
+    quiet: bool = False,
+    create: bool = True,
+) -> Run:
     """Return the Run for this notebook: Drive mounted, runs folder ready, config resolved and checked.
 
-    run_name: the notebook's RUN_NAME (LAB_RUN_NAME and LAB_CONFIG's run_name win over it).
+    run_name: the notebook's RUN_NAME (LAB_RUN_NAME and LAB_CONFIG's run_name win over it); empty in
+      01–05 (create=False) means the run set up in 00_setup (the runs folder's current_run.json).
     form: the notebook's form fields as dotted keys; None in notebooks that only read the run.
+    create: True in 00_setup: a new run may be made, and the run is recorded as the one 01–05 open.
+      01–05 pass False: a name with no run folder is refused with the runs there (LAB_CONFIG, a
+      whole config, may still create one).
     restart: move an existing run's artifacts to previous-<time>/ and start it afresh.
 
     Every check (config values, runs folder, data and model paths, hardware, free space, changes
@@ -250,20 +343,26 @@ def start(run_name: str | None = None, form: dict | None = None, *, restart: boo
     run folder exactly as it was.
     """
     install_handler()
+    import_unsloth_first()  # before the config's schema check imports trl and peft
     say = (lambda *a: None) if quiet else print
 
+    creating = create or bool(os.environ.get("LAB_CONFIG"))
+    from_pointer = not (run_name or creating or os.environ.get("LAB_RUN_NAME"))
     form = dict(form or {})
     if run_name:
         form.setdefault("run_name", run_name)
     # The config as asked for, checked before Drive or the runs folder is touched.
-    # Which run? LAB_RUN_NAME > LAB_CONFIG's run_name > the notebook's RUN_NAME.
+    # Which run? LAB_RUN_NAME > LAB_CONFIG's run_name > the notebook's RUN_NAME > 00_setup's pointer.
     wanted = resolve_config(form=form)
-    name = wanted["run_name"]
     root, why = lab_root()
     say(why)
+    if from_pointer:
+        wanted["run_name"], line = read_pointer(root)
+        say(line)
+    name = wanted["run_name"]
     run_dir = root / name
     saved_path = run_dir / "config.yaml"
-    has_work = any((run_dir / n).exists() for n in ("checkpoints", "adapter"))
+    has_work = _has_results(run_dir)
 
     if run_dir.exists():
         _check_format(run_dir)
@@ -296,6 +395,16 @@ def start(run_name: str | None = None, form: dict | None = None, *, restart: boo
                 f"run folder {run_dir} has training results but no config.yaml — restore config.yaml from Drive's "
                 "version history (right-click → Manage versions), or use a new run_name; this folder is left as it is"
             )
+        if not creating and from_pointer:
+            raise LabError(
+                f"run {name!r}, set up in 00_setup, is no longer in {root} ({_runs_listed(root)}) — run 00_setup "
+                "again, or set RUN_NAME to one of those runs"
+            )
+        if not creating:
+            raise LabError(
+                f"there is no run {name!r} in {root} ({_runs_listed(root)}) — leave RUN_NAME empty for the run set "
+                f"up in 00_setup, use one of those names, or set up {name!r} in 00_setup"
+            )
         cfg = wanted
         cfg["run_name"] = name
         _preflight(cfg, root, None)
@@ -307,4 +416,6 @@ def start(run_name: str | None = None, form: dict | None = None, *, restart: boo
             )
         dump_yaml(cfg, saved_path)
         say(f"Run {name!r}: new run, config written → {saved_path}")
+    if create:  # 00_setup: the run 01–05 open when their RUN_NAME is empty, after a reconnect too
+        write_pointer(root, name)
     return Run(name=name, dir=run_dir, cfg=cfg)

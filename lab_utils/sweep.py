@@ -645,4 +645,7 @@ def write_best_config(sweep: Sweep) -> Path:
         f"{changes or 'the run config already has these settings'}"
     )
     print(f"Saved best config → {run.display(path)}  (run_name {cfg['run_name']!r}; use it as LAB_CONFIG)")
+    from .run import adopt_settings
+
+    adopt_settings(run, best.settings, f"Best settings ({best.name})")  # kept on Drive: 02_train after a reconnect
     return path

@@ -135,15 +135,42 @@ def train_settings(run, dataset=None, hardware=None) -> dict[str, Any]:
     for k in HARDWARE_KEYS:
         if k in chosen and k not in user:
             settings[k] = chosen[k]
+    _keep_first_layout(run, settings, user)
     settings["_hardware"] = hw
     settings["_attn_implementation"] = cfg["train"].get("attn_implementation") or chosen.get("attn_implementation")
     settings["_estimated_peak_gib"] = chosen.get("estimated_peak_gib")
     settings["_estimate"] = chosen.get("estimate")
-    settings["_reasons"] = chosen.get("reasons", [])
+    settings["_reasons"] = chosen.get("reasons", []) + settings.pop("_kept", [])
     settings["_warnings"] = chosen.get("warnings", [])
     for w in settings["_warnings"]:
         print(f"⚠ {w}")
     return settings
+
+
+def _keep_first_layout(run, settings: dict, user: dict) -> None:
+    """Keep the packing and sampling order the run's checkpoints were trained with (hardware chose them then).
+
+    A reconnect may land on another GPU (T4 → A100) or a CPU runtime, whose own choice would change
+    which rows form each batch; the run keeps its first choice, and a reason line says so.
+    """
+    from .checkpoints import read_manifest, scan_checkpoints
+
+    complete, _ = scan_checkpoints(run.checkpoints_dir)
+    if not complete or "packing" in user:
+        return
+    ckpt = complete[-1][1]
+    first = read_manifest(ckpt).get("identity", {})
+    if "packing" not in first or bool(first["packing"]) == bool(settings.get("packing")):
+        return
+    packing = bool(first["packing"])
+    order = first.get("train_sampling_strategy") or ("random" if packing else "group_by_length")
+    settings.update(packing=packing, padding_free=packing, train_sampling_strategy=order)
+    if packing:
+        settings["packing_strategy"] = "bfd"
+    settings.setdefault("_kept", []).append(
+        f"packing={packing}, train_sampling_strategy={order}: kept from {ckpt.name}, where this run was first "
+        "trained on other hardware (the data order stays the same)"
+    )
 
 
 def effective_batch(settings: dict) -> int:
@@ -190,6 +217,7 @@ def run_identity(run, settings: dict, fingerprint: str | None) -> dict[str, Any]
         "effective_batch": effective_batch(settings),
         "optim": settings.get("optim"),
         "packing": bool(settings.get("packing")),
+        "train_sampling_strategy": settings.get("train_sampling_strategy"),
     }
 
 
@@ -288,8 +316,10 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
         **kwargs,
     )
     ck = run.cfg.get("checkpoint", {})
+    from .model import loaded_base
+
     callback = CheckpointCallback(
-        run_identity(run, settings, _data_fingerprint(run)),
+        {**run_identity(run, settings, _data_fingerprint(run)), **loaded_base(model)},  # + path and base loaded
         save_every_minutes=ck.get("save_every_minutes", 20),
         keep=keep,
         min_free_gib=float(ck.get("min_free_gib", 0.5)),

@@ -30,22 +30,42 @@
 # %% [markdown]
 # ## Setup
 # The same cell opens every notebook, so each one starts on its own after a disconnect. On Colab it
-# installs the lab with its pinned libraries (never torch: Colab's CUDA build stays) and, on a GPU,
-# unsloth; anywhere else it installs nothing.
+# installs the lab with its pinned libraries while keeping Colab's torch, torchvision and numpy exactly
+# as they are (a constraints file of their installed versions) and, on a GPU, unsloth without the
+# extras it would pull in; anywhere else it installs nothing.
 
 # %%
 # Setup: identical in every notebook (a test keeps it so). Safe to re-run.
+import importlib.metadata
 import importlib.util
 import shutil
 import subprocess
 import sys
+import tempfile
 
 REPO_URL = "https://github.com/qlora-lab/qlora-lab"  # the one place the repository is named
+KEEP = ("torch", "torchvision", "torchaudio", "numpy")  # Colab's own builds: pinned as they are, never changed
+UNSLOTH = ["unsloth==2026.10.9", "unsloth_zoo==2026.10.9", "cut_cross_entropy"]  # GPU fast path, without its deps
+UNSLOTH_NEEDS = ["psutil", "einops", "regex", "pydantic", "nest_asyncio"]  # what unsloth imports beyond the lab
+
+
+def install_commands(gpu: bool, lab: str = f"qlora-lab @ git+{REPO_URL}") -> list[list[str]]:
+    """Return this cell's pip commands: the VM's torch/numpy as constraints, unsloth with --no-deps."""
+    pins = []
+    for name in KEEP:
+        try:
+            pins.append(f"{name}=={importlib.metadata.version(name)}")
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    with tempfile.NamedTemporaryFile("w", suffix="-keep.txt", delete=False) as keep:
+        keep.write("\n".join(pins) + "\n")
+    pip = [sys.executable, "-m", "pip", "install", "-q", "-c", keep.name]
+    return [pip + [lab, *UNSLOTH_NEEDS], pip + ["--no-deps", *UNSLOTH]] if gpu else [pip + [lab]]
+
+
 if "google.colab" in sys.modules and importlib.util.find_spec("lab_utils") is None:
-    packages = [f"qlora-lab @ git+{REPO_URL}"]
-    if shutil.which("nvidia-smi"):
-        packages.append("unsloth==2026.10.9")  # the GPU fast path
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", *packages], check=True)
+    for command in install_commands(gpu=shutil.which("nvidia-smi") is not None):
+        subprocess.run(command, check=True)
 
 import lab_utils as lab
 
@@ -55,7 +75,7 @@ import lab_utils as lab
 # space is checked before anything is written.
 
 # %%
-RUN_NAME = "pricer-demo"  # @param {type:"string"} the run trained in 02_train
+RUN_NAME = ""  # @param {type:"string"} empty: the run set up in 00_setup; or the name of another run on Drive
 EXPORT_MERGED = True  # @param {type:"boolean"} adapter merged into a 16-bit model (needed for GGUF)
 GGUF_TYPES = ["f16", "q8_0"]  # f16: exact; q8_0: half the size, near-exact; q4_k_m: needs llama.cpp's quantize
 PUSH_REPO = ""  # @param {type:"string"} e.g. "your-name/pricer-lora"; empty: no upload (token from Colab secrets)
@@ -63,6 +83,7 @@ PUSH_REPO = ""  # @param {type:"string"} e.g. "your-name/pricer-lora"; empty: no
 run = lab.start(
     RUN_NAME,
     form={"export.merged": EXPORT_MERGED, "export.gguf": GGUF_TYPES, "export.push_repo": PUSH_REPO or None},
+    create=False,
 )
 exported = lab.export_adapter(run)
 

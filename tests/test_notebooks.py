@@ -73,7 +73,7 @@ def test_repository_url_is_the_same_everywhere():
 def test_setup_cell_never_installs_torch_and_only_installs_on_colab():
     cell = _setup_cell(NOTEBOOKS / "00_setup.py")
     assert '"google.colab" in sys.modules' in cell
-    assert "torch" not in cell.replace("# never torch", "")
+    assert not re.search(r"torch[a-z]*\s*[=<>~]=", cell), "torch & co. appear only as constraints read from the VM"
 
 
 @pytest.mark.parametrize("name", PAIRS)
