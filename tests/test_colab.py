@@ -251,6 +251,11 @@ def test_a_run_resumes_on_other_hardware_with_its_first_packing_and_batch(lab_ro
     ckpt.mkdir(parents=True)
     for name in REQUIRED_FILES:
         (ckpt / name).write_text("{}")
+    import torch
+    from safetensors.torch import save_file
+
+    # a checkpoint is resumed only when its adapter loads and is finite
+    save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 4)}, str(ckpt / "adapter_model.safetensors"))
     write_manifest(ckpt, run_identity(run, was, "f1"))
     fresh = train_settings(Run(run.name, run.dir / "elsewhere", run.cfg), hardware=hardware_from_name(then))
     now = train_settings(run, hardware=hardware_from_name(then))
