@@ -153,13 +153,13 @@ def _db_path(folder: Path) -> Path:
 
 
 def _read(folder: Path, name: str) -> list[tuple[int, int, dict]]:
-    """Return (row id, step, metrics) of the tracked run `name`, oldest first ([] when there is none)."""
+    """Return (row id, step, metrics) of the tracked run `name` in step order ([] when there is none)."""
     db = _db_path(folder)
     if not db.exists():
         return []
     try:
         with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-            rows = conn.execute("SELECT id, step, metrics FROM metrics WHERE run_name = ? ORDER BY id", (name,))
+            rows = conn.execute("SELECT id, step, metrics FROM metrics WHERE run_name = ? ORDER BY step, id", (name,))
             return [(i, int(s), json.loads(m)) for i, s, m in rows.fetchall()]
     except sqlite3.Error:
         return []
