@@ -113,7 +113,7 @@ def trainer_kwargs(run, kwargs: dict[str, Any]) -> dict[str, Any]:
     if "tensorboard" in names:
         if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
             raise LabError("train.report_to asks for tensorboard but it is not installed — pip install tensorboard")
-        out.setdefault("logging_dir", str(tracking_dir(run) / "tensorboard" / run.name))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tracking_dir(run) / "tensorboard" / run.name)  # transformers 5
     if "trackio" in names:
         if importlib.util.find_spec("trackio") is None:
             raise LabError("train.report_to asks for trackio but it is not installed — pip install trackio==0.43.0, "
