@@ -309,10 +309,18 @@ def dashboard(run, launch: bool = False) -> str:
     print(f"Open the dashboard: {cmd}")
     print(f'  or in Python: import os; os.environ["TRACKIO_DIR"] = "{folder}"; import trackio; trackio.show(project="{PROJECT}")')
     if launch:
+        from urllib.parse import urlparse
+
+        from .environment import show_port_in_colab
+
         _use_trackio_dir(folder)
         import trackio
 
-        trackio.show(project=PROJECT)
+        # never trackio's public share tunnel (its default on Colab): the dashboard stays private to this VM,
+        # and Colab shows it through its own kernel-port iframe
+        _, local_url, _, _ = trackio.show(project=PROJECT, share=False, open_browser=False)
+        if not show_port_in_colab(urlparse(local_url).port or 7860):
+            print(f"Dashboard → {local_url}")
     return cmd
 
 
