@@ -298,8 +298,10 @@ def dashboard_command(run) -> str:
     return f'TRACKIO_DIR="{tracking_dir(run)}" trackio show --project {PROJECT}'
 
 
-def dashboard(run, launch: bool = False) -> str:
-    """Print how to open the dashboard of this run's tracked data; with launch=True start it. Return the command."""
+def dashboard(run, launch: bool = False, block: bool = False) -> str:
+    """Print how to open the dashboard of this run's tracked data; launch=True starts it (block: until Ctrl-C).
+
+    Return the shell command that opens it."""
     folder = tracking_dir(run)
     cmd = dashboard_command(run)
     if not _db_path(folder).exists():
@@ -318,9 +320,15 @@ def dashboard(run, launch: bool = False) -> str:
 
         # never trackio's public share tunnel (its default on Colab): the dashboard stays private to this VM,
         # and Colab shows it through its own kernel-port iframe
-        _, local_url, _, _ = trackio.show(project=PROJECT, share=False, open_browser=False)
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner repeats the URL with a write token
+            _, local_url, _, _ = trackio.show(project=PROJECT, share=False, open_browser=False, block_thread=False)
         if not show_port_in_colab(urlparse(local_url).port or 7860):
             print(f"Dashboard → {local_url}")
+        if block:
+            print("Press Ctrl-C to stop the dashboard.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
     return cmd
 
 
@@ -335,5 +343,5 @@ def cli(argv: list[str]) -> int:
     except LabError as e:
         print(f"✗ {e}", file=sys.stderr)
         return 1
-    dashboard(run, launch="--launch" in argv)
+    dashboard(run, launch="--launch" in argv, block=True)
     return 0

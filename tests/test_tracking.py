@@ -185,6 +185,17 @@ def test_trials_track_into_the_parent_run_grouped_under_its_sweep(tmp_path):
     assert tracking.sweep_group(trial) == "demo-sweep" and tracking.sweep_group(run) is None
 
 
+def test_dashboard_says_how_to_open_the_runs_tracked_data(tmp_path, capsys):
+    run = SimpleNamespace(name="r", dir=tmp_path / "r", display=str)
+    tracking.dashboard(run)
+    assert "No tracked data yet" in capsys.readouterr().out
+    (tmp_path / "r" / "tracking").mkdir(parents=True)
+    (tmp_path / "r" / "tracking" / "qlora-lab.db").write_bytes(b"")
+    cmd = tracking.dashboard(run)
+    assert cmd == f'TRACKIO_DIR="{tmp_path / "r" / "tracking"}" trackio show --project qlora-lab'
+    assert cmd in capsys.readouterr().out
+
+
 def test_training_summary_is_not_a_tracked_step():
     rows = tracking._rows([{"loss": 1.0, "step": 3}, {"eval_loss": 0.5, "step": 3},
                            {"train_runtime": 9.0, "train_loss": 1.1, "epoch": 1.0, "step": 3}])
