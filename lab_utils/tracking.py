@@ -216,6 +216,11 @@ def _trackio_callback_class():
             if not state.is_world_process_zero:
                 return
             name = args.run_name
+            # finish whatever run this process still has open first (a stop or an out-of-memory back-off
+            # left its rows queued), so the rows after the checkpoint are all in the database to drop
+            if self._trackio.context_vars.current_run.get() is not None:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    self._trackio.finish()
             kept = _keep_aside(self.folder, args.project, name) if state.global_step == 0 else None
             removed = _delete_after(self.folder, name, state.global_step)
             have = {(s, _kind(m)) for _, s, m in _read(self.folder, name)}
