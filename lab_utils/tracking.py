@@ -158,11 +158,14 @@ def _read(folder: Path, name: str) -> list[tuple[int, int, dict]]:
     if not db.exists():
         return []
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
+        # not mode=ro: a WAL database may need its -shm file made; closed at once so none stays open on Drive
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
             rows = conn.execute("SELECT id, step, metrics FROM metrics WHERE run_name = ? ORDER BY step, id", (name,))
             return [(i, int(s), json.loads(m)) for i, s, m in rows.fetchall()]
-    except sqlite3.Error:
-        return []
+    except sqlite3.OperationalError as e:  # a database trackio created but never wrote to; anything else is real
+        if "no such table" in str(e):
+            return []
+        raise
 
 
 def _delete_after(folder: Path, name: str, step: int) -> int:
@@ -170,7 +173,7 @@ def _delete_after(folder: Path, name: str, step: int) -> int:
     db = _db_path(folder)
     if not db.exists():
         return 0
-    with sqlite3.connect(db, timeout=30) as conn:
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         n = conn.execute("DELETE FROM metrics WHERE run_name = ? AND step > ?", (name, step)).rowcount
         conn.commit()
     return n
