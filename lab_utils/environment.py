@@ -282,6 +282,16 @@ def get_secret(name: str) -> str | None:
     return None
 
 
+def show_port_in_colab(port: int, height: int = 600) -> bool:
+    """Show a web server on this VM's port inside the Colab output (private to the notebook); False outside Colab."""
+    if not in_colab():
+        return False
+    from google.colab import output  # type: ignore[import-not-found]
+
+    output.serve_kernel_port_as_iframe(port, height=str(height))
+    return True
+
+
 def bf16_capable(capability: tuple[int, int] | None = None) -> bool:
     """Return True when the GPU (CUDA device 0, or the given compute capability) has native bf16: capability >= 8.0.
 

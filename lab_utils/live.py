@@ -98,7 +98,7 @@ def format_line(s: Status) -> str:
     return " · ".join(f"{k} {v}" if k != "step" else f"step {v}" for k, v in _cells(s).items())
 
 
-def _plot_png(history: list[dict], title: str) -> bytes | None:
+def _plot_png(history: list[dict], title: str, resumed_at: int = 0) -> bytes | None:
     """Return a small PNG of training and validation loss against step (learning rate on a second axis)."""
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
     val = [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h and "step" in h]
@@ -113,16 +113,20 @@ def _plot_png(history: list[dict], title: str) -> bytes | None:
         ax.plot(*zip(*train, strict=True), color=COLORS["train"], label="training loss")
     if val:
         ax.plot(*zip(*val, strict=True), "o-", ms=3, color=COLORS["val"], label="validation loss")
+    if resumed_at:
+        ax.axvline(resumed_at, color=COLORS["ckpt"], lw=1, ls="--", label=f"resumed at {resumed_at}")
+    handles, labels = ax.get_legend_handles_labels()
     if lr:
         ax2 = ax.twinx()
-        ax2.plot(*zip(*lr, strict=True), color="#999999", lw=1, ls=":", label="learning rate")
+        handles += ax2.plot(*zip(*lr, strict=True), color="#999999", lw=1, ls=":", label="learning rate")
+        labels.append("learning rate")
         ax2.set_ylabel("learning rate", fontsize=8)
         ax2.tick_params(labelsize=7)
     ax.set_xlabel("optimizer step", fontsize=8)
     ax.set_ylabel("loss", fontsize=8)
     ax.tick_params(labelsize=7)
     ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(handles, labels, fontsize=7, loc="upper right")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -131,14 +135,14 @@ def _plot_png(history: list[dict], title: str) -> bytes | None:
     return buf.getvalue()
 
 
-def render_html(s: Status, history: list[dict], title: str, note: str = "") -> str:
+def render_html(s: Status, history: list[dict], title: str, note: str = "", resumed_at: int = 0) -> str:
     """Return the notebook view: a one-row status table and the loss plot, as one HTML block."""
     from html import escape
 
     cells = _cells(s)
     head = "".join(f"<th style='text-align:left;padding:0 8px'>{escape(k)}</th>" for k in cells)
     body = "".join(f"<td style='text-align:left;padding:0 8px'>{escape(v)}</td>" for v in cells.values())
-    png = _plot_png(history, title)
+    png = _plot_png(history, title, resumed_at)
     img = f"<br><img src='data:image/png;base64,{base64.b64encode(png).decode()}'>" if png else ""
     caption = f"<div style='font-size:90%'>{escape(note)}</div>" if note else ""
     return f"<div><table><thead><tr>{head}</tr></thead><tbody><tr>{body}</tr></tbody></table>{caption}{img}</div>"
@@ -169,7 +173,8 @@ class LiveView(TrainerCallback):
         if self.mode == "notebook" and self.handle is not None and (force or now - self.last_shown >= self.min_interval):
             from IPython.display import HTML
 
-            self.handle.update(HTML(render_html(self._status(step), self.history, self.title, self.note)))
+            self.handle.update(HTML(render_html(self._status(step), self.history, self.title, self.note,
+                                                self.start_step)))
             self.last_shown = now
 
     def on_train_begin(self, args, state, control, **kwargs):
@@ -187,8 +192,8 @@ class LiveView(TrainerCallback):
             return
         from IPython.display import HTML, display
 
-        self.handle = display(HTML(render_html(self._status(self.start_step), self.history, self.title, self.note)),
-                              display_id=True)
+        first = render_html(self._status(self.start_step), self.history, self.title, self.note, self.start_step)
+        self.handle = display(HTML(first), display_id=True)
         self.last_shown = self.clock()
 
     def on_log(self, args, state, control, logs=None, **kwargs):

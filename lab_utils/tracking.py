@@ -113,7 +113,7 @@ def trainer_kwargs(run, kwargs: dict[str, Any]) -> dict[str, Any]:
     if "tensorboard" in names:
         if not any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
             raise LabError("train.report_to asks for tensorboard but it is not installed — pip install tensorboard")
-        out.setdefault("logging_dir", str(tracking_dir(run) / "tensorboard" / run.name))
+        os.environ["TENSORBOARD_LOGGING_DIR"] = str(tracking_dir(run) / "tensorboard" / run.name)  # transformers 5
     if "trackio" in names:
         if importlib.util.find_spec("trackio") is None:
             raise LabError("train.report_to asks for trackio but it is not installed — pip install trackio==0.43.0, "
@@ -153,16 +153,19 @@ def _db_path(folder: Path) -> Path:
 
 
 def _read(folder: Path, name: str) -> list[tuple[int, int, dict]]:
-    """Return (row id, step, metrics) of the tracked run `name`, oldest first ([] when there is none)."""
+    """Return (row id, step, metrics) of the tracked run `name` in step order ([] when there is none)."""
     db = _db_path(folder)
     if not db.exists():
         return []
     try:
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30) as conn:
-            rows = conn.execute("SELECT id, step, metrics FROM metrics WHERE run_name = ? ORDER BY id", (name,))
+        # not mode=ro: a WAL database may need its -shm file made; closed at once so none stays open on Drive
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            rows = conn.execute("SELECT id, step, metrics FROM metrics WHERE run_name = ? ORDER BY step, id", (name,))
             return [(i, int(s), json.loads(m)) for i, s, m in rows.fetchall()]
-    except sqlite3.Error:
-        return []
+    except sqlite3.OperationalError as e:  # a database trackio created but never wrote to; anything else is real
+        if "no such table" in str(e):
+            return []
+        raise
 
 
 def _delete_after(folder: Path, name: str, step: int) -> int:
@@ -170,7 +173,7 @@ def _delete_after(folder: Path, name: str, step: int) -> int:
     db = _db_path(folder)
     if not db.exists():
         return 0
-    with sqlite3.connect(db, timeout=30) as conn:
+    with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
         n = conn.execute("DELETE FROM metrics WHERE run_name = ? AND step > ?", (name, step)).rowcount
         conn.commit()
     return n
@@ -216,6 +219,11 @@ def _trackio_callback_class():
             if not state.is_world_process_zero:
                 return
             name = args.run_name
+            # finish whatever run this process still has open first (a stop or an out-of-memory back-off
+            # left its rows queued), so the rows after the checkpoint are all in the database to drop
+            if self._trackio.context_vars.current_run.get() is not None:
+                with contextlib.redirect_stdout(io.StringIO()):
+                    self._trackio.finish()
             kept = _keep_aside(self.folder, args.project, name) if state.global_step == 0 else None
             removed = _delete_after(self.folder, name, state.global_step)
             have = {(s, _kind(m)) for _, s, m in _read(self.folder, name)}
@@ -298,8 +306,10 @@ def dashboard_command(run) -> str:
     return f'TRACKIO_DIR="{tracking_dir(run)}" trackio show --project {PROJECT}'
 
 
-def dashboard(run, launch: bool = False) -> str:
-    """Print how to open the dashboard of this run's tracked data; with launch=True start it. Return the command."""
+def dashboard(run, launch: bool = False, block: bool = False) -> str:
+    """Print how to open the dashboard of this run's tracked data; launch=True starts it (block: until Ctrl-C).
+
+    Return the shell command that opens it."""
     folder = tracking_dir(run)
     cmd = dashboard_command(run)
     if not _db_path(folder).exists():
@@ -309,10 +319,24 @@ def dashboard(run, launch: bool = False) -> str:
     print(f"Open the dashboard: {cmd}")
     print(f'  or in Python: import os; os.environ["TRACKIO_DIR"] = "{folder}"; import trackio; trackio.show(project="{PROJECT}")')
     if launch:
+        from urllib.parse import urlparse
+
+        from .environment import show_port_in_colab
+
         _use_trackio_dir(folder)
         import trackio
 
-        trackio.show(project=PROJECT)
+        # never trackio's public share tunnel (its default on Colab): the dashboard stays private to this VM,
+        # and Colab shows it through its own kernel-port iframe
+        with contextlib.redirect_stdout(io.StringIO()):  # its banner repeats the URL with a write token
+            _, local_url, _, _ = trackio.show(project=PROJECT, share=False, open_browser=False, block_thread=False)
+        if not show_port_in_colab(urlparse(local_url).port or 7860):
+            print(f"Dashboard → {local_url}")
+        if block:
+            print("Press Ctrl-C to stop the dashboard.")
+            with contextlib.suppress(KeyboardInterrupt):
+                while True:
+                    time.sleep(3600)
     return cmd
 
 
@@ -327,5 +351,5 @@ def cli(argv: list[str]) -> int:
     except LabError as e:
         print(f"✗ {e}", file=sys.stderr)
         return 1
-    dashboard(run, launch="--launch" in argv)
+    dashboard(run, launch="--launch" in argv, block=True)
     return 0

@@ -63,6 +63,7 @@ EXPLAIN = {
     "packing_strategy": "bfd: best-fit-decreasing packing, rows are never split across sequences.",
     "padding_free": "Concatenate rows without any padding (needs flash-attention kernels).",
     "logging_steps": "Log the training loss every this many steps.",
+    "report_to": "Experiment tracker: trackio keeps every logged step in the run's tracking/ folder (or tensorboard, wandb, none).",
     "save_steps": "Write a checkpoint every this many steps (plus every checkpoint.save_every_minutes).",
     "eval_steps": "Measure the validation loss every this many steps.",
     "save_total_limit": "Keep this many newest complete checkpoints (plus the best by validation loss).",

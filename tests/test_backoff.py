@@ -21,6 +21,7 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch_and_resumes(lab_
         "train.learning_rate": 1e-3,
         "train.per_device_train_batch_size": 8,
         "train.gradient_accumulation_steps": 2,
+        "train.logging_steps": 2,
     }
     run = lab.start("oom", form=form)
     tok = lab.load_tokenizer(run.cfg)
@@ -46,6 +47,11 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch_and_resumes(lab_
     assert result.steps == 16
     assert (run.checkpoints_dir / "checkpoint-16" / "lab_manifest.json").exists()
     assert seen[-1] == (15, 4)
+    # step 10 reached the tracker before the out-of-memory error and was redone after the back-off: logged once
+    from lab_utils.tracking import history
+
+    assert [h["step"] for h in history(run) if "loss" in h] == list(range(2, 17, 2))
+    assert "1 row(s) after step 8 dropped (redone now)" in out
 
 
 def test_out_of_memory_at_micro_batch_one_with_checkpointing_gives_a_clear_error(lab_root):

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -255,6 +256,18 @@ def test_sweep_survives_a_kill_and_finishes_with_table_plots_and_best_config(tmp
         assert (trial / "config.yaml").is_file() and (trial / "eval" / "metrics.json").is_file()
         assert (trial / "adapter" / "adapter_model.safetensors").stat().st_size > 0
         assert list((trial / "checkpoints").glob("checkpoint-*/lab_manifest.json"))
+    # every trial is one tracked run in the parent run's trackio database, grouped under the sweep, with each
+    # step once (the killed trial too), and the table's training loss is the tracker's last one
+    with sqlite3.connect(tmp_path / "runs" / "sw" / "tracking" / "qlora-lab.db") as conn:
+        tracked: dict[str, list[tuple[int, float]]] = {}
+        for name, step, metrics in conn.execute("SELECT run_name, step, metrics FROM metrics ORDER BY id"):
+            if "train/loss" in (m := json.loads(metrics)):
+                tracked.setdefault(name, []).append((step, m["train/loss"]))
+        groups = {n: json.loads(c).get("_Group") for n, c in conn.execute("SELECT run_name, config FROM configs")}
+    for s in states:
+        assert sorted(step for step, _ in tracked[s["name"]]) == list(range(1, 9))
+        assert groups[s["name"]] == "sw-sweep"
+        assert s["train_loss"] == max(tracked[s["name"]])[1]
     # a higher rate learns more in 8 steps: the grid's ranking must see it
     losses = {s["name"]: s["metrics"]["eval_loss"] for s in states}
     assert losses["trial-003-lr1e-3_r4"] < losses["trial-001-lr3e-4_r4"]

@@ -164,12 +164,36 @@ def test_wandb_key_from_colab_secrets_is_used_and_never_printed(monkeypatch, fak
     assert "LABFAKE" not in capsys.readouterr().out
 
 
+def test_tensorboard_writes_into_the_run_folder_or_names_the_package_to_install(tmp_path, monkeypatch):
+    import importlib.util
+
+    monkeypatch.delenv("TENSORBOARD_LOGGING_DIR", raising=False)
+    run = SimpleNamespace(name="r", dir=tmp_path / "r")
+    if any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX")):
+        assert tracking.trainer_kwargs(run, {"report_to": "tensorboard"})["report_to"] == ["tensorboard"]
+        assert os.environ["TENSORBOARD_LOGGING_DIR"] == str(tmp_path / "r" / "tracking" / "tensorboard" / "r")
+    else:
+        with pytest.raises(LabError, match="pip install tensorboard"):
+            tracking.trainer_kwargs(run, {"report_to": "tensorboard"})
+
+
 def test_trials_track_into_the_parent_run_grouped_under_its_sweep(tmp_path):
     run = SimpleNamespace(name="demo", dir=tmp_path / "demo")
     trial = SimpleNamespace(name="trial-001-lr1e-3", dir=tmp_path / "demo" / "sweep" / "trial-001-lr1e-3",
                             parent_data=tmp_path / "demo" / "data")
     assert tracking.tracking_dir(run) == tracking.tracking_dir(trial) == tmp_path / "demo" / "tracking"
     assert tracking.sweep_group(trial) == "demo-sweep" and tracking.sweep_group(run) is None
+
+
+def test_dashboard_says_how_to_open_the_runs_tracked_data(tmp_path, capsys):
+    run = SimpleNamespace(name="r", dir=tmp_path / "r", display=str)
+    tracking.dashboard(run)
+    assert "No tracked data yet" in capsys.readouterr().out
+    (tmp_path / "r" / "tracking").mkdir(parents=True)
+    (tmp_path / "r" / "tracking" / "qlora-lab.db").write_bytes(b"")
+    cmd = tracking.dashboard(run)
+    assert cmd == f'TRACKIO_DIR="{tmp_path / "r" / "tracking"}" trackio show --project qlora-lab'
+    assert cmd in capsys.readouterr().out
 
 
 def test_training_summary_is_not_a_tracked_step():
@@ -241,14 +265,14 @@ def _tracked(db: Path, name: str) -> list[tuple[int, dict]]:
 
 @pytest.mark.slow
 def test_killed_and_resumed_run_tracks_every_step_exactly_once(tmp_path):
-    """Kill 02_train (SIGKILL) after steps beyond checkpoint-4 reached trackio, lose a row before it, re-run:
-    the tracked run holds steps 1..8 once each, validation at 4 and 8, and the sweep's reader agrees."""
-    steps = 8
+    """Kill 02_train (SIGKILL) after steps beyond checkpoint-3 reached trackio, lose a row before it, re-run:
+    the tracked run holds steps 1..6 once each, validation at 3 and 6, and the sweep's reader agrees."""
+    steps = 6
     cfg = {"run_name": "tracked", "data": {"limit": 120}, "model": {"max_length": 64},
-           "train": {"max_steps": steps, "save_steps": 4, "logging_steps": 1, "learning_rate": 1e-3}}
+           "train": {"max_steps": steps, "save_steps": 3, "logging_steps": 1, "learning_rate": 1e-3}}
     (tmp_path / "lab.yml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "LAB_ROOT": str(tmp_path / "runs"), "LAB_CONFIG": str(tmp_path / "lab.yml"),
-           "PYTHONUNBUFFERED": "1"}
+           "PYTHONUNBUFFERED": "1", "LAB_CACHE": str(tmp_path / "cache")}  # no other process rewrites its data
     for name in ("00_setup", "01_data"):
         assert run_script(name, env).returncode == 0
     run_dir = tmp_path / "runs" / "tracked"
@@ -258,28 +282,28 @@ def test_killed_and_resumed_run_tracks_every_step_exactly_once(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 900
     while time.time() < deadline and proc.poll() is None:
-        if (run_dir / "checkpoints" / "checkpoint-4" / "lab_manifest.json").exists() and db.exists():
+        if (run_dir / "checkpoints" / "checkpoint-3" / "lab_manifest.json").exists() and db.exists():
             with sqlite3.connect(f"file:{db}?mode=ro", uri=True) as conn:
-                if (conn.execute("SELECT MAX(step) FROM metrics").fetchone()[0] or 0) >= 6:
+                if (conn.execute("SELECT MAX(step) FROM metrics").fetchone()[0] or 0) >= 5:
                     break
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     before = [s for s, m in _tracked(db, "tracked") if "train/loss" in m]
-    assert max(before) >= 6 and not (run_dir / "checkpoints" / f"checkpoint-{steps}").exists()
+    assert max(before) >= 5 and not (run_dir / "checkpoints" / f"checkpoint-{steps}").exists()
     with sqlite3.connect(db) as conn:  # a row that never reached the database before the kill
         conn.execute("DELETE FROM metrics WHERE run_name = 'tracked' AND step = 2")
 
     second = run_script("02_train", env)
     assert second.returncode == 0, second.stderr[-2000:]
-    assert "Resuming from checkpoint-4" in second.stdout
+    assert "Resuming from checkpoint-3" in second.stdout
     assert "dropped (redone now)" in second.stdout and "filled in from the checkpoint" in second.stdout
-    assert "continued from step 4: the curve includes 4 logged steps" in second.stdout
+    assert "continued from step 3: the curve includes 3 logged steps" in second.stdout
     assert f"step {steps}/{steps} · loss" in second.stdout
 
     rows = _tracked(db, "tracked")
     assert sorted(s for s, m in rows if "train/loss" in m) == list(range(1, steps + 1))
-    assert sorted(s for s, m in rows if "eval/loss" in m) == [4, 8]
+    assert sorted(s for s, m in rows if "eval/loss" in m) == [3, 6]
     run = SimpleNamespace(name="tracked", dir=run_dir)
     hist = json.loads((run_dir / "log_history.json").read_text())
     assert [(h["step"], h["loss"]) for h in tracking.history(run) if "loss" in h] == \
