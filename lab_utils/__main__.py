@@ -39,12 +39,19 @@ def demo() -> int:
     run_dir = Path(os.environ["LAB_ROOT"]).resolve() / cfg["run_name"]
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
     base, tuned = metrics["base"], metrics["tuned"]
+    guess = metrics.get("baseline") or {}
     print("\n━━━ Summary ━━━")
     print(f"Run folder:       {run_dir}")
     print(f"Validation loss:  base {base['loss']:.3f} → tuned {tuned['loss']:.3f} ({tuned['loss'] / base['loss']:.2f}×)")
     extra = [k for k in base if k not in ("loss", "perplexity") and isinstance(base[k], (int, float))]
     for k in extra:
-        print(f"{k + ':':<18}base {base[k]:.3f} → tuned {tuned[k]:.3f}")
+        line = f"base {base[k]:.3f} → tuned {tuned[k]:.3f}"
+        if isinstance(guess.get(k), (int, float)):
+            line += f"   (baseline {guess[k]:.3f}: always answering {guess['answer']!r})"
+        print(f"{k + ':':<18}{line}")
+    from .evaluation import verdict
+
+    print(f"Verdict:          {verdict(metrics)}")
     print(f"Elapsed:          {(time.monotonic() - t0) / 60:.1f} min")
     return 0
 

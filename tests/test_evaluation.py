@@ -303,6 +303,18 @@ def test_evaluate_script_leaves_metrics_plots_and_generations_in_eval(trained):
     gens = [json.loads(x) for x in (run_dir / "eval" / "generations.jsonl").read_text().splitlines()]
     assert len(gens) == m["rows"] and {"prompt", "reference", "base", "tuned"} <= set(gens[0])
     assert "interactive in Colab" in out  # the chat cell built its widget and did not wait
+    # the naive baseline: the training split's median price, scored on the same rows, in the table and the verdict
+    import datasets
+
+    from lab_utils.embedded import parse_price
+
+    train = sorted(parse_price(x[-1]["content"]) for x in datasets.load_from_disk(str(run_dir / "data" / "dataset"))["train"]["messages"])
+    b = m["baseline"]
+    assert parse_price(b["answer"]) == train[(len(train) - 1) // 2] and b["price_parsed"] == 1.0
+    refs = [g["reference"] for g in gens]
+    assert b["price_mae"] == pytest.approx(sum(abs(parse_price(b["answer"]) - parse_price(r)) for r in refs) / len(refs))
+    assert b["margin"]["tuned"]["price_mae"] > 0
+    assert "constant guess" in out and "always answering" in out
 
 
 @pytest.mark.slow
