@@ -6,7 +6,10 @@ What `evaluate_run` measures, on one seeded sample of the validation split (the 
   tuned adapter;
 - the same loss for every kept checkpoint (each adapter loaded onto the one 4-bit base with peft's
   `load_adapter` / `set_adapter`, never a second base), so the best checkpoint is known;
-- a task metric on greedy answers (see METRICS), chosen by `eval.metric`.
+- a task metric on greedy answers (see METRICS), chosen by `eval.metric`;
+- the same task metric for a naive baseline: one constant answer taken from the training split (the
+  median for price/number, the most frequent answer for exact_match/regex). The verdict calls the
+  tuned model better only by more than `tie_margin` (2 paired standard errors, at least 1 %).
 
 Resumable: each finished part (a loss, a set of answers) is cached in eval/cache/ under a key made
 of the adapter's file hash and the validation sample's fingerprint. A re-run after a disconnect
@@ -17,6 +20,7 @@ costs nothing.
 eval/metrics.json (contract):
     {"base": {"loss", "perplexity", <task metrics>}, "tuned": {...},
      "best": {...} (only when the best checkpoint is not the final adapter),
+     "baseline": {"answer", "train_rows", <task metrics>, "margin": {"tuned": {key: m}, "best": {...}}},
      "best_checkpoint": "checkpoint-N", "checkpoints": [{"name", "step", "loss"}, ...],
      "metric": kind, "rows": n, "tokens": assistant tokens scored, ...}
 """

@@ -105,7 +105,8 @@ def plot_task_metric(run, metrics: dict[str, Any]) -> Path:
         ax.set_title(f"{key}\n({'lower' if lower_is_better(key) else 'higher'} is better)", fontsize=9)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
-    guess = f" vs always answering {metrics['baseline']['answer']!r}" if metrics.get("baseline") else ""
+    answer = str((metrics.get("baseline") or {}).get("answer", "")).replace("$", r"\$")  # "$" starts mathtext
+    guess = f" vs always answering '{answer}'" if metrics.get("baseline") else ""
     fig.suptitle(f"{run.name}: base vs tuned{guess} on {metrics.get('rows', '?')} validation rows", fontsize=10)
     fig.tight_layout()
     out = run.eval_dir / "task_metric.png"

@@ -206,6 +206,8 @@ def test_the_task_metric_plot_draws_the_constant_guess_beside_base_and_tuned(tmp
     from lab_utils.run import Run
 
     refs = ["Price is $10", "Price is $50", "Price is $30"]
-    m = _metrics("price", None, refs, refs, ["Price is $12", "Price is $45", "Price is $30"])
+    train = ["$10 to $50, say $30", "Price is $10", "Price is $50"]  # two "$" in a title would start mathtext
+    m = _metrics("price", None, train, refs, ["Price is $12", "Price is $45", "Price is $30"])
+    assert m["baseline"]["answer"] == train[0]
     path = plot_task_metric(Run(name="r", dir=tmp_path, cfg=copy.deepcopy(DEFAULTS)), m)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
