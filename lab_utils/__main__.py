@@ -43,14 +43,14 @@ def demo() -> int:
     print("\n━━━ Summary ━━━")
     print(f"Run folder:       {run_dir}")
     print(f"Validation loss:  base {base['loss']:.3f} → tuned {tuned['loss']:.3f} ({tuned['loss'] / base['loss']:.2f}×)")
+    from .evaluation import primary_keys, verdict
+
     extra = [k for k in base if k not in ("loss", "perplexity") and isinstance(base[k], (int, float))]
     for k in extra:
         line = f"base {base[k]:.3f} → tuned {tuned[k]:.3f}"
-        if isinstance(guess.get(k), (int, float)):
+        if k in primary_keys([k]) and isinstance(guess.get(k), (int, float)):  # not for the share that parsed
             line += f"   (baseline {guess[k]:.3f}: always answering {guess['answer']!r})"
         print(f"{k + ':':<18}{line}")
-    from .evaluation import verdict
-
     print(f"Verdict:          {verdict(metrics)}")
     print(f"Elapsed:          {(time.monotonic() - t0) / 60:.1f} min")
     return 0

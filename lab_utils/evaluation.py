@@ -757,8 +757,8 @@ def metrics_table(metrics: dict) -> list[dict[str, Any]]:
     rows = []
     for key in ["loss", "perplexity", *_task_keys(metrics)]:
         row: dict[str, Any] = {"metric": key + (" (lower is better)" if lower_is_better(key) else " (higher is better)")}
-        for c in cols:
-            row["constant guess" if c == "baseline" else c] = metrics[c].get(key)
+        for c in cols:  # a constant answer has no loss: "n/a" rather than None
+            row["constant guess" if c == "baseline" else c] = metrics[c].get(key, "n/a" if c == "baseline" else None)
         b, t = metrics["base"].get(key), metrics["tuned"].get(key)
         row["tuned better?"] = _better(key, t, b)
         if baseline is not None:

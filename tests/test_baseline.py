@@ -170,7 +170,7 @@ def test_a_clear_win_is_reported_with_its_size():
     row = next(r for r in metrics_table(m) if r["metric"].startswith("price_mae"))
     assert row["constant guess"] == pytest.approx(16.666, abs=1e-2) and row["beats the guess?"].startswith("yes")
     loss_row = next(r for r in metrics_table(m) if r["metric"].startswith("loss"))
-    assert loss_row["constant guess"] is None and loss_row["beats the guess?"] == "n/a"
+    assert loss_row["constant guess"] == "n/a" and loss_row["beats the guess?"] == "n/a"
 
 
 def test_the_verdict_quotes_the_answer_it_is_no_better_than():
@@ -211,3 +211,19 @@ def test_the_task_metric_plot_draws_the_constant_guess_beside_base_and_tuned(tmp
     assert m["baseline"]["answer"] == train[0]
     path = plot_task_metric(Run(name="r", dir=tmp_path, cfg=copy.deepcopy(DEFAULTS)), m)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_embedded_pricer_sets_each_price_digit_from_one_word_and_a_constant_guess_is_far_off():
+    from lab_utils.embedded import CATEGORIES, PACKS, TIERS, parse_price, pricer_rows
+
+    rows = pricer_rows(400)
+    for row in rows:
+        question, answer = row["conversations"][1]["value"], row["conversations"][2]["value"]
+        price = int(parse_price(answer))
+        desc = question.splitlines()[1]
+        assert CATEGORIES[next(c for c in CATEGORIES if f" {c} by " in desc)] == price // 100 * 100
+        assert TIERS[desc.split()[0]] == price % 100 // 10 * 10
+        assert PACKS[desc.rsplit(", ", 1)[1].rstrip(".")] == price % 10
+    refs = [r["conversations"][2]["value"] for r in rows]
+    guess = baseline_scores(refs, refs, "price")
+    assert guess["price_mae"] > 150  # a model must read the description to get within half of this
