@@ -227,3 +227,15 @@ def test_the_embedded_pricer_sets_each_price_digit_from_one_word_and_a_constant_
     refs = [r["conversations"][2]["value"] for r in rows]
     guess = baseline_scores(refs, refs, "price")
     assert guess["price_mae"] > 150  # a model must read the description to get within half of this
+
+
+def test_the_demo_summary_prints_the_baseline_beside_base_and_tuned():
+    from lab_utils.__main__ import summary_lines
+
+    train = [f"Price is ${p}" for p in (10, 20, 30, 40, 50)]
+    refs = [f"Price is ${p}" for p in (10, 50, 10, 50, 40, 20)]
+    lines = summary_lines(_metrics("price", None, train, refs, list(refs)))
+    mae = next(x for x in lines if x.startswith("price_mae:"))
+    assert "base 30.000 → tuned 0.000" in mae and "(baseline 16.667: always answering 'Price is $30')" in mae
+    assert "baseline" not in next(x for x in lines if x.startswith("price_parsed:"))
+    assert lines[-1].startswith("Verdict:          It worked") and "better than a constant guess by 16.7" in lines[-1]
