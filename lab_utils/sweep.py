@@ -442,7 +442,11 @@ def _run_trial(trial: Trial, data, path: str) -> None:
         return
     _write_state(trial, **base, status="done", **out)
     m = out["metrics"]
-    extra = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("eval_loss", "perplexity"))
+    extra = ", ".join(f"{k} {v:.4g}" for k, v in m.items()
+                      if k not in ("eval_loss", "perplexity") and isinstance(v, (int, float)))
+    guess = m.get("baseline") or {}
+    extra += "".join(f" (constant guess {guess[k]:.4g}: {'beaten' if won else 'not beaten'})"
+                     for k, won in guess.get("beats", {}).items())
     print(
         f"✓ {trial.name}: validation loss {m['eval_loss']:.4f}{', ' + extra if extra else ''} "
         f"({out['seconds'] / 60:.1f} min)"

@@ -374,8 +374,9 @@ def test_evaluation_cut_off_midway_recomputes_only_the_missing_part(trained, mon
     assert again["checkpoints"][0]["loss"] == pytest.approx(first["checkpoints"][0]["loss"], rel=2e-3)  # bf16 CPU kernel
 
 
-@pytest.mark.slow
-def test_a_best_checkpoint_other_than_the_final_adapter_is_scored_and_exported(trained, tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def best_elsewhere(trained, tmp_path_factory):
+    """A copy of the trained run whose final adapter is its worse checkpoint, evaluated; return (run, metrics, first, copy)."""
     import shutil
 
     from lab_utils.evaluation import evaluate_run
@@ -383,15 +384,24 @@ def test_a_best_checkpoint_other_than_the_final_adapter_is_scored_and_exported(t
     env, run_dir, _ = trained
     first = json.loads((run_dir / "eval" / "metrics.json").read_text())
     worse = max(first["checkpoints"], key=lambda c: c["loss"])["name"]
-    copy_dir = tmp_path / "runs" / run_dir.name
+    root = tmp_path_factory.mktemp("bestcopy")
+    copy_dir = root / "runs" / run_dir.name
     shutil.copytree(run_dir, copy_dir)
     for name in ("adapter_model.safetensors", "adapter_config.json"):  # the final adapter = the worse checkpoint
         shutil.copy2(copy_dir / "checkpoints" / worse / name, copy_dir / "adapter" / name)
-    run = _start({**env, "LAB_ROOT": str(tmp_path / "runs")}, monkeypatch)
-    m = evaluate_run(run)
+    with pytest.MonkeyPatch.context() as mp:
+        run = _start({**env, "LAB_ROOT": str(root / "runs")}, mp)
+        m = evaluate_run(run)
+    return run, m, first, worse
+
+
+@pytest.mark.slow
+def test_a_best_checkpoint_other_than_the_final_adapter_is_scored_and_exported(best_elsewhere):
+    run, m, first, worse = best_elsewhere
     assert m["best_checkpoint"] == first["best_checkpoint"] != worse
     assert m["best"]["loss"] == pytest.approx(min(c["loss"] for c in first["checkpoints"]))
-    assert m["best"]["price_mae"] == pytest.approx(first["tuned"]["price_mae"])  # the old final adapter's answers
+    # (its answers are not compared with the old final adapter's: at step 40 the price digits are near-tied, and
+    # an adapter loaded beside 'default' matches its loss to ~2e-3, not bit for bit, which flips greedy answers)
     assert m["tuned"]["loss"] == pytest.approx(max(c["loss"] for c in first["checkpoints"]))
     assert m["parts"]["computed"] == ["tuned answers"]  # everything else was cached under the same adapter hashes
     gens = [json.loads(x) for x in (run.eval_dir / "generations.jsonl").read_text().splitlines()]
