@@ -19,6 +19,22 @@ def _notebooks_dir() -> Path:
     raise SystemExit("✗ notebooks/ not found — run `make demo` from the repository root")
 
 
+def summary_lines(metrics: dict) -> list[str]:
+    """Return the demo summary's lines: loss, each task metric for base → tuned beside the constant guess, the verdict."""
+    from .evaluation import primary_keys, verdict
+
+    base, tuned = metrics["base"], metrics["tuned"]
+    guess = metrics.get("baseline") or {}
+    lines = [f"Validation loss:  base {base['loss']:.3f} → tuned {tuned['loss']:.3f} ({tuned['loss'] / base['loss']:.2f}×)"]
+    for k in [k for k in base if k not in ("loss", "perplexity") and isinstance(base[k], (int, float))]:
+        line = f"base {base[k]:.3f} → tuned {tuned[k]:.3f}"
+        if k in primary_keys([k]) and isinstance(guess.get(k), (int, float)):  # not for the share that parsed
+            line += f"   (baseline {guess[k]:.3f}: always answering {guess['answer']!r})"
+        lines.append(f"{k + ':':<18}{line}")
+    lines.append(f"Verdict:          {verdict(metrics)}")
+    return lines
+
+
 def demo() -> int:
     """Run the five notebooks as scripts on the embedded default, then print a summary."""
     # one absolute runs folder for every notebook (`make demo` passes ./runs): no child can read it otherwise
@@ -39,13 +55,9 @@ def demo() -> int:
     cfg = resolve_config()
     run_dir = Path(os.environ["LAB_ROOT"]) / cfg["run_name"]
     metrics = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    base, tuned = metrics["base"], metrics["tuned"]
     print("\n━━━ Summary ━━━")
     print(f"Run folder:       {run_dir}")
-    print(f"Validation loss:  base {base['loss']:.3f} → tuned {tuned['loss']:.3f} ({tuned['loss'] / base['loss']:.2f}×)")
-    extra = [k for k in base if k not in ("loss", "perplexity") and isinstance(base[k], (int, float))]
-    for k in extra:
-        print(f"{k + ':':<18}base {base[k]:.3f} → tuned {tuned[k]:.3f}")
+    print("\n".join(summary_lines(metrics)))
     print(f"Elapsed:          {(time.monotonic() - t0) / 60:.1f} min")
     return 0
 

@@ -7,9 +7,10 @@ checkpoint (4-bit nf4 → LoRA → SFTTrainer). `data.path: embedded:pricer` res
 file in ShareGPT form. The SentencePiece tokenizer in `assets/tokenizer/` was trained on that
 data by `python -m lab_utils.embedded tokenizer` (kept so llama.cpp's converter accepts it).
 
-The task: a product description in, its price out ("Price is $120"). The price is a
-deterministic function of the category, the tier and the pack size; brand and colour are noise.
-A tiny model learns it in a few hundred steps and the answer is measurable (mean absolute error).
+The task: a product description in, its price out ("Price is $859"). The price is a
+deterministic function of the category, the tier and the pack size (one digit each); brand, colour
+and wording are noise. A tiny model learns it in the demo's 200 steps and the answer is measurable
+(mean absolute error, against always answering the median price).
 """
 
 from __future__ import annotations
@@ -64,18 +65,24 @@ LM_HEAD_STD = 0.1
 DATA_SEED = 1234
 DATA_ROWS = 2000
 
-CATEGORIES = {  # base price in dollars
-    "wireless mouse": 20,
-    "mechanical keyboard": 45,
-    "headphones": 60,
-    "monitor": 150,
-    "webcam": 35,
-    "speaker": 70,
-    "desk lamp": 25,
-    "backpack": 55,
+# The price is written digit by digit by three words of the description: the category sets the
+# hundreds, the tier the tens, the pack the units ("Pro monitor, 2-pack" → 800 + 50 + 9 = $859).
+# 48 distinct prices, no carries, so each digit of the answer depends on one word: a tiny model with
+# a random base learns the whole table in the demo's 200 steps (the old product of category × tier ×
+# pack made every digit depend on all three and 200 steps learned no more than the median price).
+CATEGORIES = {  # hundreds of dollars
+    "wireless mouse": 100,
+    "desk lamp": 200,
+    "webcam": 300,
+    "mechanical keyboard": 400,
+    "backpack": 500,
+    "headphones": 600,
+    "speaker": 700,
+    "monitor": 800,
 }
-TIERS = {"Basic": 1, "Pro": 2, "Ultra": 3}
-PACKS = {"single": 1, "2-pack": 2}
+TIERS = {"Basic": 20, "Pro": 50, "Ultra": 80}  # tens
+PACKS = {"single": 5, "2-pack": 9}  # units
+PRICER_VERSION = 2  # bump when the rows change: the cached JSONL's name carries it
 BRANDS = ["Nordex", "Alvio", "Kestrel", "Umbra", "Ferro", "Lumen", "Tarsus", "Oakly"]
 COLORS = ["black", "white", "blue", "red", "green", "grey"]
 QUESTIONS = [
@@ -127,7 +134,7 @@ def pricer_rows(n: int = DATA_ROWS, seed: int = DATA_SEED) -> list[dict]:
         cat = rng.choice(list(CATEGORIES))
         tier = rng.choice(list(TIERS))
         pack = rng.choice(list(PACKS))
-        price = CATEGORIES[cat] * TIERS[tier] * PACKS[pack]
+        price = CATEGORIES[cat] + TIERS[tier] + PACKS[pack]
         desc = f"{tier} {cat} by {rng.choice(BRANDS)}, {rng.choice(COLORS)}, {pack}."
         question = f"{rng.choice(QUESTIONS)}\n{desc}"
         if question in seen:  # every row distinct, so the demo's data report shows no duplicates
@@ -241,7 +248,7 @@ def resolve_data(path: str) -> str:
     if path == EMBEDDED_TOOLS:
         out, make = cache_root() / f"tools-{DATA_SEED}-{TOOLS_ROWS}.jsonl", tool_rows
     else:
-        out, make = cache_root() / f"pricer-{DATA_SEED}-{DATA_ROWS}.jsonl", pricer_rows
+        out, make = cache_root() / f"pricer-v{PRICER_VERSION}-{DATA_SEED}-{DATA_ROWS}.jsonl", pricer_rows
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # two notebooks may build it at once

@@ -6,7 +6,10 @@ What `evaluate_run` measures, on one seeded sample of the validation split (the 
   tuned adapter;
 - the same loss for every kept checkpoint (each adapter loaded onto the one 4-bit base with peft's
   `load_adapter` / `set_adapter`, never a second base), so the best checkpoint is known;
-- a task metric on greedy answers (see METRICS), chosen by `eval.metric`.
+- a task metric on greedy answers (see METRICS), chosen by `eval.metric`;
+- the same task metric for a naive baseline: one constant answer taken from the training split (the
+  median for price/number, the most frequent answer for exact_match/regex). The verdict calls the
+  tuned model better only by more than `tie_margin` (2 paired standard errors, at least 1 %).
 
 Resumable: each finished part (a loss, a set of answers) is cached in eval/cache/ under a key made
 of the adapter's file hash and the validation sample's fingerprint. A re-run after a disconnect
@@ -17,6 +20,7 @@ costs nothing.
 eval/metrics.json (contract):
     {"base": {"loss", "perplexity", <task metrics>}, "tuned": {...},
      "best": {...} (only when the best checkpoint is not the final adapter),
+     "baseline": {"answer", "train_rows", <task metrics>, "margin": {"tuned": {key: m}, "best": {...}}},
      "best_checkpoint": "checkpoint-N", "checkpoints": [{"name", "step", "loss"}, ...],
      "metric": kind, "rows": n, "tokens": assistant tokens scored, ...}
 """
@@ -48,6 +52,13 @@ __all__ = [
     "task_metrics",
     "metric_kind",
     "lower_is_better",
+    "primary_keys",
+    "constant_answer",
+    "row_scores",
+    "tie_margin",
+    "beats_baseline",
+    "baseline_scores",
+    "train_references",
     "prompt_and_reference",
     "eval_sample",
     "adapter_hash",
@@ -223,6 +234,119 @@ def metric_kind(cfg: dict, references: list[str]) -> str:
 def lower_is_better(name: str) -> bool:
     """Return True for metrics where smaller is better (loss, perplexity, *_mae, *_error)."""
     return name in ("loss", "perplexity") or name.endswith(("_mae", "_error"))
+
+
+# ---------------------------------------------------------------------------------------------- naive baseline
+
+# A model "beats" the constant guess only by more than this many paired standard errors (see tie_margin).
+TIE_STANDARD_ERRORS = 2.0
+# ... and by more than this share of the baseline's own score, so near-identical answers stay a tie.
+TIE_RELATIVE_FLOOR = 0.01
+_AUX_SUFFIXES = ("_parsed", "_found")  # how often an answer parsed: a constant answer always does
+
+
+def primary_keys(keys: list[str]) -> list[str]:
+    """Return the task metrics that score answers (not the share that merely parsed)."""
+    return [k for k in keys if k not in ("loss", "perplexity") and not k.endswith(_AUX_SUFFIXES)]
+
+
+def _median_low(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]
+
+
+def constant_answer(train_refs: list[str], kind: str, pattern: str | None = None) -> str | None:
+    """Return the naive baseline's one answer, a training reference: the median value (price, number) or the most frequent answer."""
+    if not train_refs:
+        return None
+    if kind in ("price", "number"):
+        rx = _check_pattern(pattern, kind) if kind == "number" else None
+        parse = parse_price if kind == "price" else (lambda t: parse_number(t, rx.pattern if rx else None))
+        valued = [(v, r) for r in train_refs if (v := parse(r)) is not None]
+        if not valued:
+            return None
+        median = _median_low([v for v, _ in valued])  # a real value: any value between the middle two minimises MAE
+        return next(r for v, r in valued if v == median)
+    if kind == "regex":
+        rx = _check_pattern(pattern, kind)
+        found = [(m.group(1) if rx.groups else m.group(0)).strip() for r in train_refs if (m := rx.search(r))]
+        if not found:
+            return None
+        top = max(set(found), key=lambda a: (found.count(a), a))
+        return next(r for r in train_refs if (m := rx.search(r)) and (m.group(1) if rx.groups else m.group(0)).strip() == top)
+    keyed = [normalize_answer(r) for r in train_refs]
+    top = max(set(keyed), key=lambda a: (keyed.count(a), a))
+    return train_refs[keyed.index(top)]
+
+
+def row_scores(
+    preds: list[str], refs: list[str], kind: str, pattern: str | None = None, metric: Callable | None = None
+) -> dict[str, list[float]]:
+    """Return each task metric row by row ({key: [value per row]}, NaN where a row cannot be scored)."""
+    out: dict[str, list[float]] = {}
+    for p, r in zip(preds, refs, strict=True):
+        one = task_metrics([p], [r], kind, pattern)
+        if metric is not None:
+            try:
+                one.update({str(k): float(v) for k, v in metric([p], [r]).items()})
+            except Exception:  # a corpus-level metric has no per-row value: its margin is the floor alone
+                pass
+        for k, v in one.items():
+            out.setdefault(k, []).append(float(v))
+    return out
+
+
+def tie_margin(model_rows: list[float], baseline_rows: list[float], baseline_value: float) -> float:
+    """Return how far past the baseline a model must score to count as better (the tie margin).
+
+    max(TIE_STANDARD_ERRORS × the standard error of the row-by-row difference, TIE_RELATIVE_FLOOR ×
+    |baseline|): a smaller difference is within what another sample of validation rows could show
+    by chance (about 95 % one-sided at 2 SE), and the floor keeps answers that agree almost
+    everywhere (standard error near 0) or differ only by rounding a tie. Fewer than two scored rows: infinite.
+    """
+    diffs = [m - b for m, b in zip(model_rows, baseline_rows, strict=True) if not (math.isnan(m) or math.isnan(b))]
+    floor = TIE_RELATIVE_FLOOR * abs(baseline_value) if not math.isnan(baseline_value) else 0.0
+    if len(diffs) < 2:
+        return math.inf
+    mean = sum(diffs) / len(diffs)
+    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
+    return max(TIE_STANDARD_ERRORS * sd / math.sqrt(len(diffs)), floor)
+
+
+def beats_baseline(key: str, value: Any, baseline: Any, margin: Any) -> bool:
+    """Return True only when value is better than baseline by more than margin, in the metric's direction."""
+    if not all(isinstance(v, (int, float)) and not math.isnan(v) for v in (value, baseline, margin)):
+        return False
+    gain = baseline - value if lower_is_better(key) else value - baseline
+    return gain > max(margin, 1e-12)
+
+
+def baseline_scores(
+    train_refs: list[str],
+    refs: list[str],
+    kind: str,
+    pattern: str | None = None,
+    models: dict[str, list[str]] | None = None,
+    metric: Callable | None = None,
+) -> dict[str, Any] | None:
+    """Return the naive baseline's entry for metrics.json: its answer, its task metrics on refs, and each model's tie margin."""
+    answer = constant_answer(train_refs, kind, pattern)
+    if answer is None:
+        return None
+    const = [answer] * len(refs)
+    task = task_metrics(const, refs, kind, pattern)
+    if metric is not None:
+        task.update({str(k): float(v) for k, v in metric(const, refs).items()})
+    base_rows = row_scores(const, refs, kind, pattern, metric)
+    margins: dict[str, dict[str, float]] = {}
+    for name, preds in (models or {}).items():
+        rows = row_scores(preds, refs, kind, pattern, metric)
+        margins[name] = {
+            k: tie_margin(rows[k], base_rows[k], task[k]) if k in rows and k in base_rows
+            else TIE_RELATIVE_FLOOR * abs(task[k])
+            for k in primary_keys(list(task))
+        }
+    return {"answer": answer, "train_rows": len(train_refs), **task, "margin": margins}
 
 
 # ---------------------------------------------------------------------------------------------- model work
@@ -417,6 +541,17 @@ def eval_sample(n_rows: int, max_rows: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_rows), int(max_rows)))
 
 
+BASELINE_TRAIN_ROWS = 20_000  # a seeded sample this large pins a median or a most frequent answer
+
+
+def train_references(train, seed: int) -> list[str]:
+    """Return the last assistant answers of (a seeded sample of) the training split: the baseline's source."""
+    if train is None or len(train) == 0 or "messages" not in train.column_names:
+        return []
+    picked = train.select(eval_sample(len(train), BASELINE_TRAIN_ROWS, seed))
+    return [prompt_and_reference(m)[1] for m in picked["messages"]]
+
+
 def _validation_fingerprint(ds, cfg: dict) -> str:
     h = hashlib.sha256()
     h.update(json.dumps([cfg["model"]["name"], cfg["model"].get("load_in_4bit", True), cfg["model"].get("revision"),
@@ -517,7 +652,8 @@ def evaluate_run(
     if not (run.adapter_dir / "adapter_config.json").exists():
         raise LabError(f"no adapter in {run.display(run.adapter_dir)} — run 02_train to the end first")
 
-    val = load_prepared(run)["validation"]
+    prepared = load_prepared(run)
+    val = prepared["validation"]
     if len(val) == 0:
         raise LabError("the validation split is empty — raise data.val_fraction and run 01_data again")
     rows_idx = eval_sample(len(val), max_rows, seed)
@@ -628,6 +764,10 @@ def evaluate_run(
         label = f"{path.name} answers"
         best_preds = parts.get(gen_key(h), label, with_checkpoint(path, "best", answers(label, "best")))
         results["best"] = _scores(losses[h], best_preds, refs, kind, pattern, metric)
+    models = {"tuned": tuned_preds, **({"best": best_preds} if best_preds is not None else {})}
+    baseline = baseline_scores(train_references(prepared.get("train"), seed), refs, kind, pattern, models, metric)
+    if baseline is not None:
+        results["baseline"] = baseline
     if loaded:
         loaded.clear()  # the model's last reference: give its (GPU) memory back before the chat loads one
         _free_memory()
@@ -690,15 +830,18 @@ def _task_keys(metrics: dict) -> list[str]:
 
 
 def metrics_table(metrics: dict) -> list[dict[str, Any]]:
-    """Return rows (metric, base, tuned[, best], better) comparing base and tuned on every measured number."""
-    cols = [c for c in ("base", "tuned", "best") if c in metrics]
+    """Return rows (metric, constant guess, base, tuned[, best], tuned better?, beats the guess?) on every measured number."""
+    cols = [c for c in ("baseline", "base", "tuned", "best") if c in metrics]
+    baseline = metrics.get("baseline")
     rows = []
     for key in ["loss", "perplexity", *_task_keys(metrics)]:
         row: dict[str, Any] = {"metric": key + (" (lower is better)" if lower_is_better(key) else " (higher is better)")}
-        for c in cols:
-            row[c] = metrics[c].get(key)
+        for c in cols:  # a constant answer has no loss: "n/a" rather than None
+            row["constant guess" if c == "baseline" else c] = metrics[c].get(key, "n/a" if c == "baseline" else None)
         b, t = metrics["base"].get(key), metrics["tuned"].get(key)
         row["tuned better?"] = _better(key, t, b)
+        if baseline is not None:
+            row["beats the guess?"] = _vs_baseline(metrics, key)
         rows.append(row)
     return rows
 
@@ -711,21 +854,65 @@ def _better(key: str, tuned: Any, base: Any) -> str:
     return "yes" if (tuned < base) == lower_is_better(key) else "no"
 
 
+def _margin(metrics: dict, key: str, col: str = "tuned") -> float | None:
+    return (metrics.get("baseline") or {}).get("margin", {}).get(col, {}).get(key)
+
+
+def _vs_baseline(metrics: dict, key: str, col: str = "tuned") -> str:
+    """Return 'yes (by X)', 'tie (within ±m)' or 'no' for the tuned model against the constant guess; 'n/a' when unscored."""
+    b, t, m = metrics["baseline"].get(key), metrics[col].get(key), _margin(metrics, key, col)
+    if key not in primary_keys([key]) or not all(isinstance(v, (int, float)) for v in (b, t, m)):
+        return "n/a"
+    if beats_baseline(key, t, b, m):
+        return f"yes (by {abs(b - t):.3g})"
+    worse = (t - b if lower_is_better(key) else b - t) > m
+    return "no (worse)" if worse else f"tie (within ±{m:.2g})"
+
+
+def _baseline_parts(metrics: dict) -> tuple[list[str], list[bool]]:
+    """Return the verdict's clause per primary task metric against the constant guess, and whether each was beaten."""
+    baseline = metrics.get("baseline")
+    if not baseline:
+        return [], []
+    t, answer = metrics["tuned"], baseline.get("answer")
+    parts, wins = [], []
+    for k in primary_keys(_task_keys(metrics)):
+        if not isinstance(baseline.get(k), (int, float)):
+            continue
+        win = beats_baseline(k, t.get(k), baseline[k], _margin(metrics, k))
+        wins.append(win)
+        if win:
+            parts.append(f"{k} better than a constant guess by {abs(baseline[k] - t[k]):.3g} "
+                         f"({t[k]:.3g} vs {baseline[k]:.3g} for always answering {answer!r})")
+        else:
+            parts.append(f"{k} {t.get(k, math.nan):.3g}: no better than always answering {answer!r} ({baseline[k]:.3g})")
+    return parts, wins
+
+
 def verdict(metrics: dict) -> str:
-    """Return one line saying whether the tuned adapter beats the base, with the loss ratio and the task metric."""
+    """Return one line saying whether the tuned adapter beats the base and a constant guess, with the numbers."""
     b, t = metrics["base"], metrics["tuned"]
     ratio = t["loss"] / b["loss"] if b["loss"] else math.nan
     parts = [f"loss {b['loss']:.3f} → {t['loss']:.3f} ({ratio:.2f}× the base)"]
     parts += [f"{k} {b[k]:.3g} → {t[k]:.3g}" for k in _task_keys(metrics)]
     wins = [_better(k, t.get(k), b.get(k)) == "yes" for k in ["loss", *_task_keys(metrics)]]
-    head = "It worked: the tuned adapter beats the base" if all(wins) else (
-        "Mixed result: the tuned adapter beats the base on some measures only" if any(wins)
-        else "It did not work: the tuned adapter does not beat the base")
+    guess_parts, guess_wins = _baseline_parts(metrics)
+    answer = (metrics.get("baseline") or {}).get("answer")
+    if guess_wins and not any(guess_wins):
+        head = (f"It did not learn the task: the tuned adapter is no better than always answering {answer!r}"
+                + (" (it beats the base model only)" if any(wins) else ""))
+    elif all(wins) and all(guess_wins):
+        head = "It worked: the tuned adapter beats the base" + (" and a constant guess" if guess_wins else "")
+    elif any(wins) or any(guess_wins):
+        head = "Mixed result: the tuned adapter beats the base" + (" or a constant guess" if guess_wins else "") + \
+            " on some measures only"
+    else:
+        head = "It did not work: the tuned adapter does not beat the base"
     best = metrics.get("best_checkpoint")
     tail = f"; best checkpoint by validation loss: {best}" if best else ""
     if "best" in metrics:
         tail += f" (loss {metrics['best']['loss']:.3f}, better than the final adapter; 04_export ships it)"
-    return f"{head} — {'; '.join(parts)}{tail}."
+    return f"{head} — {'; '.join(parts + guess_parts)}{tail}."
 
 
 def generations_table(run, n: int | None = None) -> list[dict[str, Any]]:

@@ -10,7 +10,7 @@ from typing import Any
 __all__ = ["plot_training", "plot_loss_curve", "plot_task_metric"]
 
 COLORS = {"train": "#4477aa", "val": "#ee6677", "ckpt": "#228833", "best": "#ccbb44",
-          "base": "#bbbbbb", "tuned": "#4477aa", "best_bar": "#228833"}
+          "base": "#bbbbbb", "tuned": "#4477aa", "best_bar": "#228833", "baseline": "#eeeeee"}
 
 
 def _pyplot():
@@ -81,18 +81,23 @@ def plot_loss_curve(run, metrics: dict[str, Any]) -> Path | None:
 
 
 def plot_task_metric(run, metrics: dict[str, Any]) -> Path:
-    """Save eval/task_metric.png: one bar panel per task metric (and the loss), base vs tuned (vs best)."""
+    """Save eval/task_metric.png: one bar panel per task metric (and the loss): constant guess, base, tuned (, best)."""
     from .evaluation import lower_is_better
 
-    cols = [c for c in ("base", "tuned", "best") if c in metrics]
     keys = [k for k, v in metrics["base"].items() if k != "perplexity" and isinstance(v, (int, float))]
     keys = [k for k in keys if k != "loss"] + ["loss"]
+    names = {"best": "best ckpt", "baseline": "constant\nguess"}
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(keys), figsize=(2.6 * len(keys) + 0.6, 3.2), squeeze=False)
     for ax, key in zip(axes[0], keys, strict=True):
-        values = [metrics[c].get(key, math.nan) for c in cols]
-        labels = ["best ckpt" if c == "best" else c for c in cols]
-        bars = ax.bar(labels, values, color=[COLORS["best_bar" if c == "best" else c] for c in cols])
+        # the constant guess (always the training median / most frequent answer) has no loss: no bar there
+        cols = [c for c in ("baseline", "base", "tuned", "best")
+                if c in metrics and isinstance(metrics[c].get(key), (int, float))]
+        values = [metrics[c][key] for c in cols]
+        labels = [names.get(c, c) for c in cols]
+        colors = [COLORS["best_bar" if c == "best" else c] for c in cols]
+        bars = ax.bar(labels, values, color=colors, edgecolor=["#777777" if c == "baseline" else "none" for c in cols],
+                      hatch=["//" if c == "baseline" else "" for c in cols])
         for bar, v in zip(bars, values, strict=True):
             if isinstance(v, (int, float)) and not math.isnan(v):
                 ax.annotate(f"{v:.3g}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
@@ -100,7 +105,9 @@ def plot_task_metric(run, metrics: dict[str, Any]) -> Path:
         ax.set_title(f"{key}\n({'lower' if lower_is_better(key) else 'higher'} is better)", fontsize=9)
         ax.margins(y=0.15)
         ax.grid(axis="y", alpha=0.3)
-    fig.suptitle(f"{run.name}: base vs tuned on {metrics.get('rows', '?')} validation rows", fontsize=10)
+    answer = str((metrics.get("baseline") or {}).get("answer", "")).replace("$", r"\$")  # "$" starts mathtext
+    guess = f" vs always answering '{answer}'" if metrics.get("baseline") else ""
+    fig.suptitle(f"{run.name}: base vs tuned{guess} on {metrics.get('rows', '?')} validation rows", fontsize=10)
     fig.tight_layout()
     out = run.eval_dir / "task_metric.png"
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -327,8 +327,9 @@ def _metric_kind(cfg: dict, references: list[str]) -> str:
     return "price" if references and all(parse_price(r) is not None for r in references) else "exact_match"
 
 
-def _measure(trial: Trial, model, tokenizer, val, path: str) -> dict[str, Any]:
-    """Return the trial's validation loss and task metric (greedy answers on the validation sample), saved to eval/."""
+def _measure(trial: Trial, model, tokenizer, val, path: str, train=None) -> dict[str, Any]:
+    """Return the trial's validation loss and task metric (greedy answers on the validation sample) and the
+    constant guess's (from the trial's training rows), saved to eval/."""
     from . import evaluation as ev
 
     if path == "unsloth":
@@ -347,6 +348,14 @@ def _measure(trial: Trial, model, tokenizer, val, path: str) -> dict[str, Any]:
         "perplexity": math.exp(min(loss, 50)),
         **ev.task_metrics(preds, list(refs), kind, trial.cfg.get("eval", {}).get("metric_pattern")),
     }
+    pattern = trial.cfg.get("eval", {}).get("metric_pattern")
+    seed = int(trial.cfg.get("data", {}).get("seed", 42))
+    guess = ev.baseline_scores(ev.train_references(train, seed), list(refs), kind, pattern, {"tuned": preds})
+    if guess is not None:
+        keys = ev.primary_keys([k for k in metrics if k not in ("eval_loss",)])
+        metrics["baseline"] = {"answer": guess["answer"], **{k: guess[k] for k in keys if k in guess},
+                               "beats": {k: ev.beats_baseline(k, metrics[k], guess[k], guess["margin"]["tuned"][k])
+                                         for k in keys if k in guess}}
     out = trial.eval_dir
     out.mkdir(parents=True, exist_ok=True)
     with open(out / "generations.jsonl.tmp", "w") as f:
@@ -383,7 +392,7 @@ def _train_and_measure(trial: Trial, data, path: str) -> dict[str, Any]:
     plan = plan_resume(trial, trainer)
     result = train(trial, trainer, plan)
     save_adapter(trial, trainer)
-    metrics = _measure(trial, model, tokenizer, data["validation"], path)
+    metrics = _measure(trial, model, tokenizer, data["validation"], path, data.get("train"))
     earlier = plan.step * (plan.seconds_per_step or 0.0)  # training done in sessions before this one
     return {
         "metrics": metrics,
@@ -432,7 +441,11 @@ def _run_trial(trial: Trial, data, path: str) -> None:
         return
     _write_state(trial, **base, status="done", **out)
     m = out["metrics"]
-    extra = ", ".join(f"{k} {v:.4g}" for k, v in m.items() if k not in ("eval_loss", "perplexity"))
+    extra = ", ".join(f"{k} {v:.4g}" for k, v in m.items()
+                      if k not in ("eval_loss", "perplexity") and isinstance(v, (int, float)))
+    guess = m.get("baseline") or {}
+    extra += "".join(f" (constant guess {guess[k]:.4g}: {'beaten' if won else 'not beaten'})"
+                     for k, won in guess.get("beats", {}).items())
     print(
         f"✓ {trial.name}: validation loss {m['eval_loss']:.4f}{', ' + extra if extra else ''} "
         f"({out['seconds'] / 60:.1f} min)"
@@ -510,7 +523,7 @@ def sweep_table(sweep: Sweep) -> list[dict[str, Any]]:
     task_keys: list[str] = []
     for t in sweep.trials:
         for k in t.state().get("metrics", {}):
-            if k not in ("eval_loss", "perplexity") and k not in task_keys:
+            if k not in ("eval_loss", "perplexity", "baseline") and k not in task_keys:
                 task_keys.append(k)
     rows = []
     for t in sweep.trials:
@@ -523,6 +536,10 @@ def sweep_table(sweep: Sweep) -> list[dict[str, Any]]:
         row["train loss"] = state.get("train_loss")
         row["val loss"] = m.get("eval_loss")
         row.update({k: m.get(k) for k in task_keys})
+        guess = m.get("baseline") or {}
+        for k, beats in guess.get("beats", {}).items():  # the training split's median / most frequent answer
+            row[f"{k} constant guess"] = guess.get(k)
+            row["beats the guess?"] = "yes" if beats else "no"
         row["minutes"] = round(state["seconds"] / 60, 1) if "seconds" in state else None
         row["rank"] = order.index(t.name) + 1 if t.name in order else None
         rows.append({k: ("" if v is None else v) for k, v in row.items()})

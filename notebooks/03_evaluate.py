@@ -88,12 +88,18 @@ print(f"Task metric: eval.metric = {run.cfg['eval']['metric']!r}; answers up to 
 # ## Evaluate
 # The base model is the same 4-bit model with its adapter switched off, so both see exactly the same
 # tokens. Each kept checkpoint's adapter is loaded onto that same base to find the best one.
+#
+# Beating the base is not enough: a model can learn the answer's format and nothing else. So the
+# task metric is also scored for a **constant guess** — always giving the training split's median
+# answer (numbers, prices) or its most frequent one (labels) — and the verdict says "better than a
+# constant guess by X" only when the tuned model wins by more than the noise of these rows
+# (two standard errors), otherwise "no better than always answering …".
 
 # %%
 metrics = lab.evaluate_run(run, max_rows=EVAL_ROWS)
 
 # %%
-lab.show_table(lab.metrics_table(metrics), title=f"Validation, {metrics['rows']} rows: base vs tuned")
+lab.show_table(lab.metrics_table(metrics), title=f"Validation, {metrics['rows']} rows: constant guess, base, tuned")
 print(lab.verdict(metrics))
 
 # %%

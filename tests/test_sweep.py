@@ -252,6 +252,7 @@ def test_sweep_survives_a_kill_and_finishes_with_table_plots_and_best_config(tmp
         m = s["metrics"]
         assert math.isfinite(m["eval_loss"]) and math.isfinite(s["train_loss"])
         assert 0 <= m["price_parsed"] <= 1 and m["price_mae"] >= 0
+        assert m["baseline"]["price_mae"] > 0 and "$" in m["baseline"]["answer"]  # the constant guess beside it
     for trial in sorted(sweep_dir.glob("trial-*")):  # each trial folder keeps the run-folder contract
         assert (trial / "config.yaml").is_file() and (trial / "eval" / "metrics.json").is_file()
         assert (trial / "adapter" / "adapter_model.safetensors").stat().st_size > 0
