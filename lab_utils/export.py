@@ -681,7 +681,9 @@ def write_model_card(
     s += ["## Training hyperparameters", "", _table(train) if train else "Not recorded.", ""]
     s += ["## Evaluation", ""]
     if metrics:
-        mrows = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float, str)) and not _is_secret(k, v)}
+        # the constant guess's answer is a training row's answer: numbers only from the baseline, no data in the card
+        mrows = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float, str)) and not _is_secret(k, v)
+                 and not (k.startswith("baseline.") and isinstance(v, str))}
         s += [_table(mrows, ("metric", "value")), ""]
     else:
         s += ["No eval/metrics.json was found for this run.", ""]

@@ -430,3 +430,13 @@ def test_partial_files_of_a_killed_export_are_removed_and_never_listed(tmp_path)
     assert "`run-f16.gguf`" in card and "partial" not in card
     assert sorted(clean_leftovers(tmp_path / "export")) == sorted([killed, half_dir])
     assert not killed.exists() and not half_dir.exists() and running.exists()
+
+
+def test_model_card_has_the_baseline_score_but_not_its_training_answer(tmp_path: Path) -> None:
+    out = tmp_path / "run" / "export"
+    metrics = {"base": {"loss": 6.8, "price_mae": 488.2}, "tuned": {"loss": 0.04, "price_mae": 9.0},
+               "baseline": {"answer": "Price is $489 for the private row", "train_rows": 1900, "price_mae": 190.8}}
+    text = export.write_model_card(out, run_name="r", base_model="org/base", config={}, metrics=metrics,
+                                   data_report=None).read_text()
+    assert "`baseline.price_mae` | 190.8" in text and "`tuned.price_mae` | 9" in text
+    assert "private row" not in text and "baseline.answer" not in text
