@@ -554,7 +554,7 @@ def data_prep(workdir: Path, data_path: Path, model_dir: Path, max_length: int, 
     cfg = resolve_config(form={**form, "run_name": "bench-prep"})
     tok = load_tokenizer(cfg)
     args = SFTConfig(output_dir=str(workdir / "trl-prep"), max_length=max_length, assistant_only_loss=True,
-                     report_to="none", dataset_num_proc=None)
+                     report_to="none", dataset_num_proc=None, bf16=False, fp16=False)  # preparation only
     trl_self = type("TRLPrep", (), {"_tokenizer": tok, "chat_template": None, "completion_only_loss": None})()
     datasets.disable_caching()  # measure the work, not a reused datasets.map cache
     runs: dict[str, list] = {"lab": [], "trl": []}
@@ -938,6 +938,23 @@ def notes(res: dict) -> list[str]:
             f"Peak memory {mem:.2f}x the lowest ({c['lowest_memory']}) "
             f"({'meets' if mem <= GOAL_MEMORY_RATIO else 'misses'} the {GOAL_MEMORY_RATIO}x goal)."
         )
+    low = c.get("lowest_memory")
+    if low and low != "default":
+        widest = {
+            n: next(r for r in c["runs"] if r["config"] == n)["estimated_peak_gib"].get("widest_batch")
+            for n in ("default", low)
+        }
+        if all(widest.values()):
+            out.append(
+                f"Why the memory differs: peak memory follows the tokens of the widest micro-batch (activations "
+                f"kept for the backward pass, gradient checkpointing "
+                f"{'on' if d.get('gradient_checkpointing') else 'off'}): the default's widest was "
+                f"{widest['default'][0]} x {widest['default'][1]} = {widest['default'][0] * widest['default'][1]} "
+                f"tokens, {low}'s {widest[low][0]} x {widest[low][1]} = {widest[low][0] * widest[low][1]}. "
+                "On a CPU the memory plan has the machine's RAM as budget, so choose() takes speed; on a GPU "
+                "the same estimate caps the micro-batch (and turns checkpointing on) to fit the card, and on "
+                "capability >= 8 packing with flash-attention is the default itself."
+            )
     extra = [n for n in c.get("configs", {}) if n.startswith("default-micro")]
     if extra:
         out.append(
@@ -1182,6 +1199,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if a.markdown_only:
         res = json.loads((a.out / "latest.json").read_text())
+        if "cpu" in res:
+            res["notes"] = notes(res)
+            _write(a.out / "latest.json", json.dumps(res, indent=1, default=str))
         _write(a.out / "latest.md", markdown(res))
         print(f"Wrote {a.out / 'latest.md'}")
         return 0
