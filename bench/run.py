@@ -1187,6 +1187,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.prep_only:  # add the data-preparation comparison to an existing latest.json (same workdir)
         res = json.loads((a.out / "latest.json").read_text())
         workdir = a.workdir or Path(tempfile.mkdtemp(prefix="lab-bench-"))
+        workdir.mkdir(parents=True, exist_ok=True)
         prepare(workdir, bench_model(workdir, a.max_length), a.rows, a.max_length)
         res["data_prep"] = data_prep(
             workdir, data_file(workdir, a.rows, a.max_length), bench_model(workdir, a.max_length), a.max_length,
