@@ -50,9 +50,10 @@ Metrics:
   for one full epoch of the real Trainer dataloader over the whole data set (no training): the
   default's waste depends on the data set's size, because transformers' LengthGroupedSampler sorts
   rows inside mega-batches of min(rows / (4 x batch), 50) x batch rows.
-* trained tokens per second = non-pad tokens / seconds from the start of training to the end of
-  the last optimizer step. Both configurations train one epoch over the same rows, so the ratio is
-  the same whether one counts non-pad tokens or loss (assistant) tokens.
+* trained tokens per CPU-second (and per wall-second) = non-pad tokens / CPU seconds (wall seconds)
+  from the start of training to the end of the last optimizer step. Every configuration trains one
+  epoch over the same rows (selected before packing), so a ratio is the same whether one counts
+  non-pad tokens or loss (assistant) tokens.
 * peak memory: each configuration runs in its own subprocess; on CPU the process's peak resident
   memory (`resource.getrusage(...).ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated`.
 * Speed is trained (non-pad) tokens per CPU-second of the training loop (`time.process_time()`
