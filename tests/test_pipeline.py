@@ -54,8 +54,13 @@ def test_local_folder_is_announced_off_colab(pipeline):
     assert "Runs folder:" in out["00_setup"].stdout and "LAB_ROOT" in out["00_setup"].stdout
 
 
-def test_rerunning_finished_training_resumes_at_the_end_and_keeps_the_adapter(pipeline):
-    run, env, _ = pipeline
+def test_rerunning_finished_training_resumes_at_the_end_and_keeps_the_adapter(pipeline, tmp_path):
+    import shutil
+
+    shared, env, _ = pipeline
+    run = tmp_path / "runs" / shared.name  # a copy: the re-run writes into its run folder, others read the shared one
+    shutil.copytree(shared, run)
+    env = {**env, "LAB_ROOT": str(tmp_path / "runs")}
     before = (run / "adapter" / "adapter_model.safetensors").read_bytes()
     proc = run_script("02_train", env)
     assert proc.returncode == 0, proc.stderr[-2000:]
