@@ -23,6 +23,8 @@ demo: install
 test: install
 	$(BIN)/python -m pytest
 
+# ~12 min on a quiet 2-core machine: 6 configurations x 3 interleaved repeats x 256 rows at max_length 512,
+# data preparation lab vs TRL (2000 rows), then the resume overhead (sizes in each script's docstring).
 bench: install
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/resume_overhead.py

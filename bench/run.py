@@ -1,4 +1,4 @@
-"""`make bench`: the seed configuration against `lab_utils.defaults`, same tiny model, same data.
+"""`make bench`: the lab's defaults against the seed configuration and against TRL's own efficient settings.
 
 What it measures, in one run (results in bench/results/latest.json and latest.md):
 
@@ -7,15 +7,26 @@ What it measures, in one run (results in bench/results/latest.json and latest.md
   no packing.
 * **default**: what `lab_utils.training.train_settings()` (i.e. `defaults.choose()`) returns on this
   machine for this model and this data. On a CPU: `train_sampling_strategy="group_by_length"`, the
-  micro-batch from the memory estimate, fp32, adamw_torch.
-  Both share everything else: gradient checkpointing as the default chose it (the issue does not
-  name the seed's; the old lab's was on, which would only slow the seed down), LoRA r=32 on all
+  micro-batch from the memory estimate (8 x 2), fp32, adamw_torch.
+* **what a user who knows TRL would run instead** (PEERS): TRL as is (the default's 8 x 2, random
+  order, padded to the longest row of each micro-batch); packing with best-fit-decreasing at micro
+  1 x 4 and 2 x 2 (padding-free, per-row positions); padding-free without packing at 8 x 2.
+  All share everything else: gradient checkpointing as the default chose it, LoRA r=32 on all
   linear layers, learning rate, seed.
-* The real path for both: the embedded tiny Llama loaded in 4-bit nf4 by
+* The real path for all: the embedded tiny Llama loaded in 4-bit nf4 by
   `lab_utils.model.load_for_training` (bitsandbytes -> prepare_model_for_kbit_training -> LoRA),
   data prepared by `lab_utils.data.prepare` (chat template, assistant-only labels), trainer built
   by `lab_utils.training.build_trainer` (TRL's SFTTrainer). The bench changes only what a bench
   must: no checkpoints are written, no validation split, no progress bar.
+* Data preparation: rows/s of `lab_utils.data.prepare` beside TRL's own preparation
+  (`SFTTrainer._prepare_dataset` with `assistant_only_loss=True` and the tokenizer's training
+  template), on the same synthetic rows, interleaved.
+
+Sizes (`make bench` = the defaults below): 2000 synthetic rows at max_length 512; every
+configuration trains one epoch over the same 256 rows, 3 interleaved repeats (6 configurations x 3 =
+18 worker processes, each paying ~20 s of imports and model loading); 2 repeats of the data
+preparation. About 12 min on a quiet 2-core machine (estimated from the CPU seconds); on a loaded
+one the wall clock stretches with the load, the CPU-time figures much less.
 
 Length: the seed's rows are 2048 tokens. On 2 CPU cores that is too slow for a 10-minute bench
 (the tiny model trains ~1.5k padded tokens/s on one core), so by default everything is scaled
@@ -39,14 +50,22 @@ Metrics:
   for one full epoch of the real Trainer dataloader over the whole data set (no training): the
   default's waste depends on the data set's size, because transformers' LengthGroupedSampler sorts
   rows inside mega-batches of min(rows / (4 x batch), 50) x batch rows.
-* trained tokens per second = non-pad tokens / seconds from the start of training to the end of
-  the last optimizer step. Both configurations train one epoch over the same rows, so the ratio is
-  the same whether one counts non-pad tokens or loss (assistant) tokens.
+* trained tokens per CPU-second (and per wall-second) = non-pad tokens / CPU seconds (wall seconds)
+  from the start of training to the end of the last optimizer step. Every configuration trains one
+  epoch over the same rows (selected before packing), so a ratio is the same whether one counts
+  non-pad tokens or loss (assistant) tokens.
 * peak memory: each configuration runs in its own subprocess; on CPU the process's peak resident
   memory (`resource.getrusage(...).ru_maxrss`), on CUDA `torch.cuda.max_memory_allocated`.
-* Timings on a shared machine are noisy: the configurations run interleaved (seed, default, seed,
-  default, ...) and the reported ratio is the median of the per-pair ratios. Workers use one CPU
-  thread (`--threads`): on a busy 2-core machine two OpenMP threads ran 5-15x slower and erratic.
+* Speed is trained (non-pad) tokens per CPU-second of the training loop (`time.process_time()`
+  from the start of training to the end of the last optimizer step): on a machine shared by several
+  people wall clock swung 0.64x-1.58x for the same pair while CPU time stayed within 1.31x-1.42x.
+  Tokens per wall-second are kept beside it. The configurations run interleaved (seed, default,
+  peers, seed, default, ...); per configuration min, median and max over the repeats are written,
+  and every ratio is the median of the per-repeat ratios. Workers use one CPU thread
+  (`--threads`): on a busy 2-core machine two OpenMP threads ran 5-15x slower and erratic.
+* latest.json keeps padding_waste_default, padding_waste_seed, tokens_per_s_ratio_default_over_seed
+  and adds tokens_per_s_ratio_default_over_best_trl (over the fastest peer), peak_memory_ratio_
+  default_over_lowest, and per configuration everything under cpu.configs.
 
 GPU section: when CUDA is present, the same comparison on a randomly initialised Llama with
 Llama-3.2-1B's shape at length 2048, with the process capped at a T4's memory
@@ -55,13 +74,14 @@ and on unsloth's (if it imports); measured peaks are compared with `defaults.est
 Results go to bench/results/gpu.json and gpu.md; latest.md shows the last one. Without CUDA it is
 skipped with one line saying so.
 
-Usage: python bench/run.py [--repeats 2] [--rows 2000] [--timed-rows 512] [--max-length 512]
-                           [--extra-micro 4 8] [--no-gpu | --gpu-only] [--out DIR]
+Usage: python bench/run.py [--repeats 3] [--rows 2000] [--timed-rows 256] [--max-length 512]
+                           [--prep-repeats 2] [--extra-micro 4 8] [--no-gpu | --gpu-only] [--out DIR]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -102,8 +122,27 @@ SEED_SETTINGS = {
     "packing": False,
     "padding_free": False,
 }
+# What a user who knows TRL would run instead of the lab's defaults (SFTConfig fields that replace the
+# default's; "micro": micro-batch x accumulation, None = the default's). Packing counts packed rows of up
+# to max_length tokens per micro-batch, so its micro-batches are smaller for about the same tokens per step.
+PEERS: dict[str, dict] = {
+    "trl-as-is": {"train_sampling_strategy": "random", "packing": False, "padding_free": False},
+    "trl-packing-1x4": {
+        "packing": True, "packing_strategy": "bfd", "padding_free": True, "train_sampling_strategy": "random",
+        "per_device_train_batch_size": 1, "gradient_accumulation_steps": 4,
+    },
+    "trl-packing-2x2": {
+        "packing": True, "packing_strategy": "bfd", "padding_free": True, "train_sampling_strategy": "random",
+        "per_device_train_batch_size": 2, "gradient_accumulation_steps": 2,
+    },
+    # padding-free without packing: TRL refuses it while max_length is set (max_length would not be
+    # enforced); the prepared rows are already cut to max_length, so the worker passes max_length=None.
+    "trl-padding-free": {"padding_free": True, "packing": False, "train_sampling_strategy": "random"},
+}
+CONFIGS = ("seed", "default", *PEERS)
 GOAL_WASTE = 0.05
 GOAL_RATIO = 2.0
+GOAL_MEMORY_RATIO = 1.2  # the default's peak memory over the lowest of all configurations
 
 # Llama-3.2-1B's shape (config.json of meta-llama/Llama-3.2-1B), for the GPU section.
 LLAMA_1B = {
@@ -220,9 +259,15 @@ def llama_1b(workdir: Path) -> Path:
     return dst
 
 
+def data_file(workdir: Path, rows: int, max_length: int) -> Path:
+    """Return the synthetic data file's path."""
+    return workdir / f"finetome_like_{rows}x{max_length}.jsonl"
+
+
 def prepare(workdir: Path, model_dir: Path, rows: int, max_length: int, run_name: str = RUN_NAME) -> dict:
     """Write the synthetic data, prepare it through lab_utils.data.prepare; return the data report."""
     os.environ["LAB_ROOT"] = str(workdir / "runs")
+    from lab_utils.config import resolve_config
     from lab_utils.data import prepare as prepare_data
     from lab_utils.model import load_tokenizer
     from lab_utils.run import start
@@ -230,18 +275,20 @@ def prepare(workdir: Path, model_dir: Path, rows: int, max_length: int, run_name
     form = {
         "model.name": str(model_dir),
         "model.max_length": max_length,
-        "data.path": str(workdir / f"finetome_like_{rows}x{max_length}.jsonl"),
+        "data.path": str(data_file(workdir, rows, max_length)),
         "data.val_fraction": 0.01,
         "data.on_too_long": "truncate",
         "checkpoint.save_every_minutes": 1e6,  # the bench writes no checkpoints
         "train.save_steps": 10**9,
         "train.logging_steps": 10**9,
     }
-    run = start(run_name, form=form, quiet=True)
-    tok = load_tokenizer(run.cfg)
+    # the file first: start() checks every input before it writes anything, a missing data.path included
     data = Path(form["data.path"])
     if not data.exists():
+        tok = load_tokenizer(resolve_config(form={**form, "run_name": run_name}))
         data.write_text("".join(json.dumps(r) + "\n" for r in synthetic_rows(tok, rows, max_length)))
+    run = start(run_name, form=form, quiet=True)
+    tok = load_tokenizer(run.cfg)
     prepare_data(run, tok)
     return json.loads((run.data_dir / "data_report.json").read_text())
 
@@ -331,6 +378,8 @@ def worker(
     default_micro = settings["per_device_train_batch_size"]
     if config == "seed":
         settings.update(SEED_SETTINGS, pad_to_multiple_of=max_length)
+    elif config in PEERS:
+        settings.update(PEERS[config])
     elif micro:  # exploration: the default with another micro-batch, same effective batch
         effective = default_micro * settings["gradient_accumulation_steps"]
         settings.update(
@@ -351,33 +400,40 @@ def worker(
     if cuda:
         torch.cuda.reset_peak_memory_stats()
         cuda_loaded = torch.cuda.memory_allocated() / GIB
-    trainer = build_trainer(run, model, tok, {"train": data["train"]}, settings)
-    trainer.args.save_strategy = SaveStrategy.NO  # measure training, not checkpoint writes
-    counter = CountingCollator(trainer.data_collator)
-    trainer.data_collator = counter
 
-    for _ in trainer.get_train_dataloader():  # one epoch of the real sampler + collator, no model
+    def counted_trainer(rows):
+        unpacked_padding_free = settings.get("padding_free") and not settings.get("packing")
+        with _no_max_length_in_sftconfig() if unpacked_padding_free else contextlib.nullcontext():
+            trainer = build_trainer(run, model, tok, {"train": rows}, settings)
+        trainer.args.save_strategy = SaveStrategy.NO  # measure training, not checkpoint writes
+        trainer.data_collator = CountingCollator(trainer.data_collator)
+        return trainer, trainer.data_collator
+
+    # one epoch of the real sampler + collator over the whole set, no model
+    trainer, counter = counted_trainer(data["train"])
+    for _ in trainer.get_train_dataloader():
         pass
     full_epoch = counter.summary()
-    counter.reset()
+    # the timed epoch: the first timed_rows rows (selected before packing, so every config sees the same rows)
+    trainer, counter = counted_trainer(data["train"].select(range(min(timed_rows, len(data["train"])))))
 
     class Clock(TrainerCallback):
-        start = first = end = None
+        start = first = end = cpu_start = cpu_end = None
         steps = 0
 
         def on_train_begin(self, args, state, control, **kw):
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
 
         def on_step_end(self, args, state, control, **kw):
-            self.end = time.perf_counter()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
             self.first = self.first or self.end
             self.steps += 1
 
     clock = Clock()
     trainer.add_callback(clock)
-    trainer.train_dataset = trainer.train_dataset.select(range(min(timed_rows, len(trainer.train_dataset))))
     trainer.train()
     seconds = clock.end - clock.start
+    cpu_seconds = clock.cpu_end - clock.cpu_start
     timed = counter.summary()
     result = {
         "config": config,
@@ -385,14 +441,17 @@ def worker(
         "settings": {
             k: v
             for k, v in settings.items()
-            if not k.startswith("_") and k in (*defaults._DECIDED, "pad_to_multiple_of", "max_length")
+            if not k.startswith("_")
+            and k in (*defaults._DECIDED, "pad_to_multiple_of", "max_length", "packing_strategy")
         },
         "default_micro_batch": default_micro,
         "optimizer_steps": clock.steps,
         "seconds": seconds,
+        "cpu_seconds": cpu_seconds,
         "first_step_seconds": clock.first - clock.start,
         "timed": timed,
         "full_epoch": full_epoch,
+        "tokens_per_cpu_s": timed["real_tokens"] / cpu_seconds,
         "tokens_per_s": timed["real_tokens"] / seconds,
         "loss_tokens_per_s": timed["loss_tokens"] / seconds,
         "processed_tokens_per_s": timed["tokens"] / seconds,
@@ -410,6 +469,25 @@ def worker(
         result["cuda_after_load_gib"] = cuda_loaded
         result["device"] = torch.cuda.get_device_name(0)
     out.write_text(json.dumps(result, indent=1))
+
+
+@contextlib.contextmanager
+def _no_max_length_in_sftconfig():
+    """Within the block, trl.SFTConfig takes max_length=None (padding-free without packing; rows are already cut)."""
+    import trl
+
+    base = trl.SFTConfig
+
+    class SFTConfigWithoutMaxLength(base):
+        def __init__(self, *args, **kwargs):
+            kwargs["max_length"] = None
+            super().__init__(*args, **kwargs)
+
+    trl.SFTConfig = SFTConfigWithoutMaxLength
+    try:
+        yield
+    finally:
+        trl.SFTConfig = base
 
 
 def _estimate(settings: dict, cfg: dict, hardware, widest: tuple[int, int] | None) -> dict:
@@ -440,6 +518,90 @@ def _estimate(settings: dict, cfg: dict, hardware, widest: tuple[int, int] | Non
         "widest_batch": widest,
         "loss_type_assumed": "nll",
     }
+
+
+# --------------------------------------------------------------------------- data preparation
+
+
+def _timed(fn) -> tuple[float, float]:
+    """Run fn(); return (wall seconds, CPU seconds of this process)."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    fn()
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def data_prep(workdir: Path, data_path: Path, model_dir: Path, max_length: int, repeats: int) -> dict:
+    """Return rows/s of lab_utils.data.prepare and of TRL's own preparation (assistant_only_loss), interleaved.
+
+    TRL gets the rows already in its `messages` format (converted outside the clock) and the tokenizer's
+    training template (generation markers); the lab reads the ShareGPT file itself and also validates,
+    deduplicates, measures lengths and writes the processed set and its report.
+    """
+    import datasets
+    from trl import SFTConfig, SFTTrainer
+
+    from lab_utils.config import resolve_config
+    from lab_utils.data import prepare as prepare_data
+    from lab_utils.model import load_tokenizer
+    from lab_utils.run import Run
+
+    roles = {"human": "user", "gpt": "assistant", "system": "system"}
+    raw = [json.loads(line) for line in data_path.read_text().splitlines() if line.strip()]
+    messages = datasets.Dataset.from_list(
+        [{"messages": [{"role": roles[t["from"]], "content": t["value"]} for t in r["conversations"]]} for r in raw]
+    )
+    form = {"model.name": str(model_dir), "model.max_length": max_length, "data.path": str(data_path),
+            "data.val_fraction": 0.01, "data.on_too_long": "truncate"}
+    cfg = resolve_config(form={**form, "run_name": "bench-prep"})
+    tok = load_tokenizer(cfg)
+    args = SFTConfig(output_dir=str(workdir / "trl-prep"), max_length=max_length, assistant_only_loss=True,
+                     report_to="none", dataset_num_proc=None, bf16=False, fp16=False)  # preparation only
+    trl_self = type("TRLPrep", (), {"_tokenizer": tok, "chat_template": None, "completion_only_loss": None})()
+    datasets.disable_caching()  # measure the work, not a reused datasets.map cache
+    runs: dict[str, list] = {"lab": [], "trl": []}
+    try:
+        for rep in range(repeats):
+            run = Run(name="bench-prep", dir=workdir / f"prep-{rep}", cfg=cfg)
+            runs["lab"].append(_timed(lambda run=run: prepare_data(run, tok)))
+            runs["trl"].append(
+                _timed(lambda: SFTTrainer._prepare_dataset(trl_self, messages, tok, args, False, None, "train"))
+            )
+            shutil.rmtree(run.dir, ignore_errors=True)
+    finally:
+        datasets.enable_caching()
+    n = len(raw)
+    out = {"rows": n, "repeats": repeats, "tokenizer": "embedded (512 pieces)"}
+    for who, times in runs.items():
+        out[who] = {
+            "rows_per_cpu_s": _stats([n / c for _, c in times]),
+            "rows_per_s": _stats([n / w for w, _ in times]),
+            "seconds": [round(w, 2) for w, _ in times],
+            "cpu_seconds": [round(c, 2) for _, c in times],
+        }
+    out["rows_per_cpu_s_ratio_lab_over_trl"] = _median([t[1] / lab[1] for lab, t in zip(runs["lab"], runs["trl"])])
+    out["rows_per_s_ratio_lab_over_trl"] = _median([t[0] / lab[0] for lab, t in zip(runs["lab"], runs["trl"])])
+    return out
+
+
+def data_prep_markdown(p: dict) -> list[str]:
+    """Return the data-preparation section's lines."""
+    return [
+        f"{p['rows']} rows, {p['tokenizer']} tokenizer, {p['repeats']} interleaved repeats; TRL's "
+        "`SFTTrainer._prepare_dataset` with `assistant_only_loss=True` on the rows already in `messages` format "
+        "(its training template) vs the lab's `prepare()` on the ShareGPT file (validation, dedup, length "
+        "report and the saved set included).",
+        "",
+        "| | rows per CPU-s (median, best) | rows per wall-s (median) |",
+        "|---|---|---|",
+        *(
+            f"| {who} | {p[who]['rows_per_cpu_s']['median']:.0f}, {p[who]['rows_per_cpu_s']['max']:.0f} | "
+            f"{p[who]['rows_per_s']['median']:.0f} |"
+            for who in ("lab", "trl")
+        ),
+        "",
+        f"lab over TRL: **{p['rows_per_cpu_s_ratio_lab_over_trl']:.2f}x** rows per CPU-second, "
+        f"{p['rows_per_s_ratio_lab_over_trl']:.2f}x on wall clock.",
+    ]
 
 
 # --------------------------------------------------------------------------- orchestration
@@ -479,14 +641,17 @@ def compare(
     extra_micro: tuple[int, ...] = (),
     threads: int | None = None,
     timeout: float = 1800,
+    peers: tuple[str, ...] | None = None,
 ) -> dict:
-    """Run seed and default interleaved `repeats` times; return the runs and the summary ratios.
+    """Run the configurations interleaved `repeats` times; return the runs and the summary ratios.
+
+    peers: the configurations to run (seed and default always among them); None = CONFIGS.
 
     extra_micro: also run the default at these micro-batches (same effective batch), for comparison.
     """
     env = _child_env(workdir, threads)
     runs = []
-    configs = [("seed", None), ("default", None)] + [("default", m) for m in extra_micro]
+    configs = [(c, None) for c in (peers if peers is not None else CONFIGS)] + [("default", m) for m in extra_micro]
     for rep in range(repeats):
         for config, micro in configs:
             name = config if micro is None else f"default-micro{micro}"
@@ -520,8 +685,10 @@ def compare(
             r["wall_seconds"] = time.monotonic() - t0
             runs.append(r)
             print(
-                f"  {label} {name:<7} rep {rep}: {r['tokens_per_s']:8.0f} trained tok/s, waste "
-                f"{r['timed']['padding_waste']:.1%}, {r['optimizer_steps']} steps in {r['seconds']:.1f} s",
+                f"  {label} {name:<16} rep {rep}: {r['tokens_per_cpu_s']:6.0f} trained tok per CPU-s, "
+                f"{r['tokens_per_s']:6.0f} per wall-s, waste {r['timed']['padding_waste']:.1%}, "
+                f"{r['optimizer_steps']} steps in {r['seconds']:.1f} s ({r['cpu_seconds']:.1f} CPU-s), "
+                f"peak {r.get('cuda_peak_allocated_gib', r['rss_peak_gib']):.2f} GiB",
                 flush=True,
             )
     return summarize(runs)
@@ -531,50 +698,91 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def _peak(r: dict) -> float:
+    """Return a run's peak memory: CUDA max allocated on a GPU, else the process's peak RSS."""
+    return r.get("cuda_peak_allocated_gib", r["rss_peak_gib"])
+
+
+def _stats(values: list[float]) -> dict:
+    """Return {min, median, max} of the repeats."""
+    return {"min": min(values), "median": _median(values), "max": max(values)}
+
+
+def _pair_ratios(runs: list[dict], a: str, b: str, key: str) -> list[float]:
+    """Return run a's key over run b's key, per repeat (interleaved runs of the same repeat pair up)."""
+    by_rep = {(r["config"], r["rep"]): r for r in runs}
+    reps = sorted({r["rep"] for r in runs})
+    return [by_rep[a, i][key] / by_rep[b, i][key] for i in reps if (a, i) in by_rep and (b, i) in by_rep]
+
+
 def summarize(runs: list[dict]) -> dict:
-    """Return the headline numbers from interleaved runs: waste, median pair ratio, peaks."""
-    by = {c: [r for r in runs if r["config"] == c] for c in ("seed", "default")}
-    pairs = [d["tokens_per_s"] / s["tokens_per_s"] for s, d in zip(by["seed"], by["default"], strict=True)]
-    one = {c: by[c][0] for c in by}
+    """Return the headline numbers from interleaved runs: waste, speed per CPU-second and wall-second, peaks, ratios.
 
-    def peak(c: str) -> float:
-        key = "cuda_peak_allocated_gib" if "cuda_peak_allocated_gib" in one[c] else "rss_peak_gib"
-        return max(r[key] for r in by[c])
-
-    return {
-        "padding_waste_seed": one["seed"]["timed"]["padding_waste"],
-        "padding_waste_default": one["default"]["timed"]["padding_waste"],
-        "padding_waste_full_epoch_seed": one["seed"]["full_epoch"]["padding_waste"],
-        "padding_waste_full_epoch_default": one["default"]["full_epoch"]["padding_waste"],
-        "tokens_per_s_ratio_default_over_seed": _median(pairs),
-        "tokens_per_s_ratio_pairs": pairs,
-        "tokens_per_s_seed_median": _median([r["tokens_per_s"] for r in by["seed"]]),
-        "tokens_per_s_default_median": _median([r["tokens_per_s"] for r in by["default"]]),
+    Speed ratios are medians of per-repeat ratios of trained (non-pad) tokens per CPU-second of the
+    training loop: on a shared machine CPU time moves far less than wall time. Wall-clock ratios are
+    kept beside them (`_wall`).
+    """
+    names = [c for c in dict.fromkeys(r["config"] for r in runs)]
+    by = {c: [r for r in runs if r["config"] == c] for c in names}
+    one = {c: by[c][0] for c in names}
+    table = {
+        c: {
+            "settings": one[c]["settings"],
+            "padding_waste": one[c]["timed"]["padding_waste"],
+            "padding_waste_full_epoch": one[c]["full_epoch"]["padding_waste"],
+            "tokens_per_cpu_s": _stats([r["tokens_per_cpu_s"] for r in by[c]]),
+            "tokens_per_s": _stats([r["tokens_per_s"] for r in by[c]]),
+            "cpu_seconds": _stats([r["cpu_seconds"] for r in by[c]]),
+            "seconds": _stats([r["seconds"] for r in by[c]]),
+            "peak_memory_gib": _stats([_peak(r) for r in by[c]]),
+            "tokens_per_cpu_s_ratio_over_seed": _median(_pair_ratios(runs, c, "seed", "tokens_per_cpu_s")),
+        }
+        for c in names
+    }
+    peers = [c for c in names if c in PEERS]
+    best_peer = max(peers, key=lambda c: table[c]["tokens_per_cpu_s"]["median"]) if peers else None
+    lowest = min(names, key=lambda c: table[c]["peak_memory_gib"]["median"])
+    fastest = max(names, key=lambda c: table[c]["tokens_per_cpu_s"]["median"])
+    out = {
+        "padding_waste_seed": table["seed"]["padding_waste"],
+        "padding_waste_default": table["default"]["padding_waste"],
+        "padding_waste_full_epoch_seed": table["seed"]["padding_waste_full_epoch"],
+        "padding_waste_full_epoch_default": table["default"]["padding_waste_full_epoch"],
+        "speed_measure": "trained (non-pad) tokens per CPU-second of the training loop",
+        "tokens_per_s_ratio_default_over_seed": _median(_pair_ratios(runs, "default", "seed", "tokens_per_cpu_s")),
+        "tokens_per_s_ratio_pairs": _pair_ratios(runs, "default", "seed", "tokens_per_cpu_s"),
+        "tokens_per_s_ratio_default_over_seed_wall": _median(_pair_ratios(runs, "default", "seed", "tokens_per_s")),
+        "tokens_per_s_ratio_pairs_wall": _pair_ratios(runs, "default", "seed", "tokens_per_s"),
+        "best_trl_setting": best_peer,
+        "tokens_per_s_ratio_default_over_best_trl": _median(
+            _pair_ratios(runs, "default", best_peer, "tokens_per_cpu_s")
+        )
+        if best_peer
+        else None,
+        "tokens_per_s_ratio_default_over_best_trl_wall": _median(
+            _pair_ratios(runs, "default", best_peer, "tokens_per_s")
+        )
+        if best_peer
+        else None,
+        "fastest": fastest,
+        "lowest_memory": lowest,
+        "peak_memory_ratio_default_over_lowest": table["default"]["peak_memory_gib"]["median"]
+        / table[lowest]["peak_memory_gib"]["median"],
+        "tokens_per_s_seed_median": table["seed"]["tokens_per_cpu_s"]["median"],
+        "tokens_per_s_default_median": table["default"]["tokens_per_cpu_s"]["median"],
         "peak_memory_unit": "cuda max_memory_allocated GiB"
         if "cuda_peak_allocated_gib" in one["seed"]
         else "process peak RSS GiB (ru_maxrss)",
-        "peak_memory_gib_seed": peak("seed"),
-        "peak_memory_gib_default": peak("default"),
+        "peak_memory_gib_seed": table["seed"]["peak_memory_gib"]["max"],
+        "peak_memory_gib_default": table["default"]["peak_memory_gib"]["max"],
         "estimated_peak_gib_seed": one["seed"]["estimated_peak_gib"],
         "estimated_peak_gib_default": one["default"]["estimated_peak_gib"],
         "settings_seed": one["seed"]["settings"],
         "settings_default": one["default"]["settings"],
-        "extra": {
-            name: {
-                "settings": rs[0]["settings"],
-                "padding_waste": rs[0]["timed"]["padding_waste"],
-                "padding_waste_full_epoch": rs[0]["full_epoch"]["padding_waste"],
-                "tokens_per_s_median": _median([r["tokens_per_s"] for r in rs]),
-                "tokens_per_s_ratio_over_seed": _median(
-                    [r["tokens_per_s"] / s["tokens_per_s"] for s, r in zip(by["seed"], rs, strict=True)]
-                ),
-                "peak_memory_gib": max(r.get("cuda_peak_allocated_gib", r["rss_peak_gib"]) for r in rs),
-            }
-            for name in sorted({r["config"] for r in runs} - {"seed", "default"})
-            for rs in [[r for r in runs if r["config"] == name]]
-        },
+        "configs": table,
         "runs": runs,
     }
+    return out
 
 
 def defaults_cli_table() -> list[dict]:
@@ -666,7 +874,7 @@ def gpu_section(
     for path in paths:
         try:
             section["paths"][path] = compare(
-                workdir, repeats, timed_rows, "bench-1b", path, GPU_TARGET, f"gpu-{path}"
+                workdir, repeats, timed_rows, "bench-1b", path, GPU_TARGET, f"gpu-{path}", peers=("seed", "default")
             )
         except Exception as e:  # one path failing must not lose the other's numbers
             section["paths"][path] = {"error": str(e)[-2000:]}
@@ -709,7 +917,7 @@ def notes(res: dict) -> list[str]:
         f"Speed: the default trains {ratio:.2f}x the seed's non-pad tokens per second "
         f"({'meets' if ratio >= GOAL_RATIO else 'misses'} the {GOAL_RATIO:.0f}x goal). The seed pads every row to "
         f"{s.get('pad_to_multiple_of')} tokens ({_pct(c['padding_waste_seed'])} of its work is padding) and runs "
-        f"{c['runs'][0]['timed']['batches']} micro-batches per epoch where the default runs "
+        f"{next(r for r in c['runs'] if r['config'] == 'seed')['timed']['batches']} micro-batches per epoch where the default runs "
         f"{next(r for r in c['runs'] if r['config'] == 'default')['timed']['batches']}."
     )
     out.append(
@@ -720,18 +928,40 @@ def notes(res: dict) -> list[str]:
         f"set (100k rows). The fewer rows sorted together, the more a micro-batch of "
         f"{d['per_device_train_batch_size']} mixes lengths."
     )
-    for name, e in sorted(c.get("extra", {}).items()):
-        es = e["settings"]
+    best, over_best = c.get("best_trl_setting"), c.get("tokens_per_s_ratio_default_over_best_trl")
+    if best:
+        mem = c["peak_memory_ratio_default_over_lowest"]
+        fast = c["fastest"] == "default"
         out.append(
-            f"{name} (micro-batch {es['per_device_train_batch_size']} x {es['gradient_accumulation_steps']}, same "
-            f"effective batch): waste {_pct(e['padding_waste'])} timed, {_pct(e['padding_waste_full_epoch'])} over "
-            f"the whole set, {e['tokens_per_s_median']:.0f} trained tokens/s ({e['tokens_per_s_ratio_over_seed']:.2f}x "
-            f"the seed) vs the default's {c['tokens_per_s_default_median']:.0f}."
+            f"Against TRL's own settings: the default trains {over_best:.2f}x the tokens per CPU-second of the best "
+            f"of them ({best}; {c['tokens_per_s_ratio_default_over_best_trl_wall']:.2f}x on wall clock) and is "
+            f"{'the fastest of all' if fast else 'not the fastest: ' + c['fastest'] + ' is'} (goal: fastest). "
+            f"Peak memory {mem:.2f}x the lowest ({c['lowest_memory']}) "
+            f"({'meets' if mem <= GOAL_MEMORY_RATIO else 'misses'} the {GOAL_MEMORY_RATIO}x goal)."
         )
-    if c.get("extra"):
+    low = c.get("lowest_memory")
+    if low and low != "default":
+        widest = {
+            n: next(r for r in c["runs"] if r["config"] == n)["estimated_peak_gib"].get("widest_batch")
+            for n in ("default", low)
+        }
+        if all(widest.values()):
+            out.append(
+                f"Why the memory differs: peak memory follows the tokens of the widest micro-batch (activations "
+                f"kept for the backward pass, gradient checkpointing "
+                f"{'on' if d.get('gradient_checkpointing') else 'off'}): the default's widest was "
+                f"{widest['default'][0]} x {widest['default'][1]} = {widest['default'][0] * widest['default'][1]} "
+                f"tokens, {low}'s {widest[low][0]} x {widest[low][1]} = {widest[low][0] * widest[low][1]}. "
+                "On a CPU the memory plan has the machine's RAM as budget, so choose() takes speed; on a GPU "
+                "the same estimate caps the micro-batch (and turns checkpointing on) to fit the card, and on "
+                "capability >= 8 packing with flash-attention is the default itself."
+            )
+    extra = [n for n in c.get("configs", {}) if n.startswith("default-micro")]
+    if extra:
         out.append(
-            "Bigger micro-batches pad more (a row is padded to the longest of its micro-batch); smaller ones pay "
-            "a fixed cost per micro-batch on a CPU (4-bit dequantization of every layer, Python overhead)."
+            "default-microN: the default at another micro-batch (same effective batch). Bigger micro-batches pad "
+            "more (a row is padded to the longest of its micro-batch); smaller ones pay a fixed cost per "
+            "micro-batch on a CPU (4-bit dequantization of every layer, Python overhead)."
         )
     est_s, est_d = (
         c["estimated_peak_gib_seed"]["widest_batch_gib"],
@@ -749,14 +979,14 @@ def notes(res: dict) -> list[str]:
 def markdown(res: dict) -> str:
     """Return the readable report of a results dict."""
     cpu = res["cpu"]
-    d, s = cpu["settings_default"], cpu["settings_seed"]
+
     ls = res["data"]["length_stats"]
     scale = SEED_LENGTH / res["max_length"]
     scale_note = (
         "the seed's own" if scale == 1 else f"the seed's {SEED_LENGTH} scaled down {scale:g}x, lengths too"
     )
     lines = [
-        "# Bench: seed configuration vs lab defaults",
+        "# Bench: lab defaults vs the seed configuration and TRL's own efficient settings",
         "",
         f"{res['date']} · {res['machine']['platform']} · {res['machine']['cpus']} CPUs · torch {res['machine']['torch']}"
         f" · load average {res['machine']['loadavg_start']} at the start, {res.get('loadavg_end')} at the end",
@@ -769,32 +999,70 @@ def markdown(res: dict) -> str:
         f"FineTome-like lengths: p50 {ls['p50']}, p95 {ls['p95']}, p99 {ls['p99']}, max {ls['max']}, mean {ls['mean']:.0f} tokens. "
         f"Timed: one epoch over the same {res['timed_rows']} rows per run, {res['repeats']} interleaved pairs.",
         "",
-        "| | seed | default | goal |",
-        "|---|---|---|---|",
-        f"| micro-batch x accumulation | {s['per_device_train_batch_size']} x {s['gradient_accumulation_steps']} | "
-        f"{d['per_device_train_batch_size']} x {d['gradient_accumulation_steps']} | |",
-        f"| order / padding | {s['train_sampling_strategy']}, pad to {s.get('pad_to_multiple_of')} | "
-        f"{d['train_sampling_strategy']}, pad to longest in batch | |",
-        f"| gradient checkpointing | {s.get('gradient_checkpointing')} | {d.get('gradient_checkpointing')} | |",
-        f"| padding waste (timed batches) | {_pct(cpu['padding_waste_seed'])} | {_pct(cpu['padding_waste_default'])} | ≤ {GOAL_WASTE:.0%} |",
-        f"| padding waste (one epoch, all {ls['rows']} rows) | {_pct(cpu['padding_waste_full_epoch_seed'])} | "
-        f"{_pct(cpu['padding_waste_full_epoch_default'])} | ≤ {GOAL_WASTE:.0%} |",
-        f"| trained tokens/s (median) | {cpu['tokens_per_s_seed_median']:.0f} | {cpu['tokens_per_s_default_median']:.0f} | |",
-        f"| ratio default / seed (median of pairs) | | **{cpu['tokens_per_s_ratio_default_over_seed']:.2f}x** "
-        f"({', '.join(f'{p:.2f}' for p in cpu['tokens_per_s_ratio_pairs'])}) | ≥ {GOAL_RATIO:.0f}x |",
-        f"| peak memory ({cpu['peak_memory_unit']}) | {cpu['peak_memory_gib_seed']:.2f} | {cpu['peak_memory_gib_default']:.2f} | |",
-        f"| estimate_memory() for the widest batch seen | {cpu['estimated_peak_gib_seed']['widest_batch_gib']:.2f} | "
-        f"{cpu['estimated_peak_gib_default']['widest_batch_gib']:.2f} | |",
+        "Speed is trained (non-pad) tokens per CPU-second of the training loop (the primary measure: on a shared "
+        "machine wall clock swings with the load, CPU time much less), min and median over the repeats; "
+        "wall clock beside it.",
         "",
-        "Per run:",
-        "",
-        "| config | rep | steps | seconds | trained tok/s | loss tok/s | waste | peak RSS GiB |",
+        "| configuration | micro x accum | order / padding | tokens per CPU-s (median, best) | tokens per wall-s "
+        "(median) | ratio over seed | peak memory GiB (median) | padding waste (timed / whole set) |",
         "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, t in cpu.get("configs", {}).items():
+        st = t["settings"]
+        how = (
+            f"packing {st.get('packing_strategy')}"
+            if st.get("packing")
+            else "padding-free"
+            if st.get("padding_free")
+            else f"pad to {st['pad_to_multiple_of']}"
+            if st.get("pad_to_multiple_of")
+            else "pad to longest"
+        )
+        bold = "**" if name == "default" else ""
+        lines.append(
+            f"| {bold}{name}{bold} | {st['per_device_train_batch_size']} x {st['gradient_accumulation_steps']} | "
+            f"{st.get('train_sampling_strategy')}, {how} | {t['tokens_per_cpu_s']['median']:.0f}, "
+            f"{t['tokens_per_cpu_s']['max']:.0f} | {t['tokens_per_s']['median']:.0f} | "
+            f"{t['tokens_per_cpu_s_ratio_over_seed']:.2f}x | {t['peak_memory_gib']['median']:.2f} | "
+            f"{_pct(t['padding_waste'])} / {_pct(t['padding_waste_full_epoch'])} |"
+        )
+    best = cpu.get("best_trl_setting")
+    lines += [
+        "",
+        "| headline | value | goal |",
+        "|---|---|---|",
+        f"| padding waste seed / default (timed) | {_pct(cpu['padding_waste_seed'])} / "
+        f"{_pct(cpu['padding_waste_default'])} | default ≤ {GOAL_WASTE:.0%} |",
+        f"| default over seed, tokens per CPU-s (median of pairs) | **{cpu['tokens_per_s_ratio_default_over_seed']:.2f}x** "
+        f"({', '.join(f'{p:.2f}' for p in cpu['tokens_per_s_ratio_pairs'])}); wall clock "
+        f"{cpu.get('tokens_per_s_ratio_default_over_seed_wall', float('nan')):.2f}x | ≥ {GOAL_RATIO:.0f}x |",
+    ]
+    if best:
+        lines += [
+            f"| default over the best TRL setting ({best}) | **{cpu['tokens_per_s_ratio_default_over_best_trl']:.2f}x**; "
+            f"wall clock {cpu['tokens_per_s_ratio_default_over_best_trl_wall']:.2f}x | ≥ 1 (fastest of all) |",
+            f"| default's peak memory over the lowest ({cpu['lowest_memory']}) | "
+            f"**{cpu['peak_memory_ratio_default_over_lowest']:.2f}x** | ≤ {GOAL_MEMORY_RATIO}x |",
+        ]
+    lines += [
+        f"| estimate_memory() for the widest batch seen, seed / default | "
+        f"{cpu['estimated_peak_gib_seed']['widest_batch_gib']:.2f} / "
+        f"{cpu['estimated_peak_gib_default']['widest_batch_gib']:.2f} GiB | |",
+        "",
+        "Per run (in the order they ran):",
+        "",
+        "| config | rep | steps | seconds | CPU-s | tokens per CPU-s | tokens per wall-s | waste | peak RSS GiB |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in cpu["runs"]:
         lines.append(
-            f"| {r['config']} | {r['rep']} | {r['optimizer_steps']} | {r['seconds']:.1f} | {r['tokens_per_s']:.0f} | "
-            f"{r['loss_tokens_per_s']:.0f} | {_pct(r['timed']['padding_waste'])} | {r['rss_peak_gib']:.2f} |"
+            f"| {r['config']} | {r['rep']} | {r['optimizer_steps']} | {r['seconds']:.1f} | {r.get('cpu_seconds', 0):.1f} | "
+            f"{r.get('tokens_per_cpu_s', 0):.0f} | {r['tokens_per_s']:.0f} | {_pct(r['timed']['padding_waste'])} | "
+            f"{r['rss_peak_gib']:.2f} |"
+        )
+    if res.get("data_prep"):
+        lines += ["", "## Data preparation: the lab's prepare() beside TRL's own", ""] + data_prep_markdown(
+            res["data_prep"]
         )
     lines += [
         "",
@@ -867,9 +1135,9 @@ def gpu_markdown(gpu: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     """Run the bench (or one worker, with --worker); return the exit code."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--repeats", type=int, default=2, help="interleaved (seed, default) pairs")
+    p.add_argument("--repeats", type=int, default=3, help="interleaved rounds of every configuration")
     p.add_argument("--rows", type=int, default=2000, help="rows in the synthetic data set")
-    p.add_argument("--timed-rows", type=int, default=512, help="rows each timed run trains on (one epoch)")
+    p.add_argument("--timed-rows", type=int, default=256, help="rows each timed run trains on (one epoch)")
     p.add_argument(
         "--max-length",
         type=int,
@@ -890,6 +1158,7 @@ def main(argv: list[str] | None = None) -> int:
         default=1,
         help="CPU threads per worker (1: on a busy machine OpenMP's spinning threads made 2 erratic and 5-15x slower)",
     )
+    p.add_argument("--prep-repeats", type=int, default=2, help="repeats of the data-preparation comparison (0: skip)")
     p.add_argument("--no-gpu", action="store_true", help="skip the GPU section even when CUDA is present")
     p.add_argument("--gpu-only", action="store_true", help="run only the GPU section")
     p.add_argument("--gpu-timed-rows", type=int, default=128, help="rows each timed GPU run trains on")
@@ -900,11 +1169,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpu-paths", nargs="+", default=["unsloth", "plain"], choices=["unsloth", "plain"])
     p.add_argument("--out", type=Path, default=RESULTS, help="folder for latest.json and latest.md")
     p.add_argument("--workdir", type=Path, default=None)
+    p.add_argument("--prep-only", action="store_true", help="run only the data-preparation comparison into latest.json")
     p.add_argument(
         "--markdown-only", action="store_true", help="rewrite latest.md from latest.json, run nothing"
     )
     # internal: one configuration in its own process
-    p.add_argument("--worker", choices=("seed", "default"))
+    p.add_argument("--worker", choices=CONFIGS)
     p.add_argument("--result", type=Path)
     p.add_argument("--run-name", default=RUN_NAME)
     p.add_argument("--path", default="plain")
@@ -915,12 +1185,31 @@ def main(argv: list[str] | None = None) -> int:
         worker(a.worker, a.workdir, a.timed_rows, a.result, a.run_name, a.path, a.target, a.micro)
         return 0
 
+    if a.prep_only:  # add the data-preparation comparison to an existing latest.json (same workdir)
+        res = json.loads((a.out / "latest.json").read_text())
+        workdir = a.workdir or Path(tempfile.mkdtemp(prefix="lab-bench-"))
+        workdir.mkdir(parents=True, exist_ok=True)
+        prepare(workdir, bench_model(workdir, a.max_length), a.rows, a.max_length)
+        res["data_prep"] = data_prep(
+            workdir, data_file(workdir, a.rows, a.max_length), bench_model(workdir, a.max_length), a.max_length,
+            a.prep_repeats or 2,
+        )
+        res.pop("data_prep_error", None)
+        _write(a.out / "latest.json", json.dumps(res, indent=1, default=str))
+        _write(a.out / "latest.md", markdown(res))
+        print(f"data preparation rows per CPU-s lab/TRL {res['data_prep']['rows_per_cpu_s_ratio_lab_over_trl']:.2f}x")
+        return 0
     if a.markdown_only:
         res = json.loads((a.out / "latest.json").read_text())
+        if "cpu" in res:
+            res["notes"] = notes(res)
+            _write(a.out / "latest.json", json.dumps(res, indent=1, default=str))
         _write(a.out / "latest.md", markdown(res))
         print(f"Wrote {a.out / 'latest.md'}")
         return 0
     t0 = time.monotonic()
+    for var in ("LAB_CONFIG", "LAB_RUN_NAME"):  # the bench sets its own config; a user's must not replace it
+        os.environ.pop(var, None)
     workdir = a.workdir or Path(tempfile.mkdtemp(prefix="lab-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
     import torch
@@ -951,10 +1240,20 @@ def main(argv: list[str] | None = None) -> int:
             f"uniform{PROMPT_SHARE}; seed {DATA_SEED}",
             "length_stats": report["length_stats"],
         }
-        print("CPU comparison (the tiny model):", flush=True)
+        print(f"CPU comparison (the tiny model), {len(CONFIGS)} configurations x {a.repeats} repeats:", flush=True)
         res["cpu"] = compare(
             workdir, a.repeats, a.timed_rows, RUN_NAME, "plain", None, "cpu", tuple(a.extra_micro), a.threads
         )
+        if a.prep_repeats:
+            print(f"Data preparation, lab vs TRL, {a.prep_repeats} repeats ...", flush=True)
+            try:
+                res["data_prep"] = data_prep(
+                    workdir, data_file(workdir, a.rows, a.max_length), bench_model(workdir, a.max_length),
+                    a.max_length, a.prep_repeats,
+                )
+            except Exception as e:  # the training comparison's numbers must not be lost with it
+                res["data_prep_error"] = f"{type(e).__name__}: {e}"[-2000:]
+                print(f"Data preparation comparison failed: {res['data_prep_error']}")
         res["defaults_cli"] = defaults_cli_table()
         res["notes"] = notes(res)
     if a.no_gpu:
@@ -977,10 +1276,13 @@ def main(argv: list[str] | None = None) -> int:
         c = res["cpu"]
         print(
             f"padding waste: seed {_pct(c['padding_waste_seed'])}, default {_pct(c['padding_waste_default'])} "
-            f"(one full epoch: {_pct(c['padding_waste_full_epoch_default'])}); trained tokens/s default/seed "
-            f"{c['tokens_per_s_ratio_default_over_seed']:.2f}x; peak {c['peak_memory_gib_seed']:.2f} vs "
-            f"{c['peak_memory_gib_default']:.2f} GiB"
+            f"(one full epoch: {_pct(c['padding_waste_full_epoch_default'])}); trained tokens per CPU-s default/seed "
+            f"{c['tokens_per_s_ratio_default_over_seed']:.2f}x, default/best TRL ({c['best_trl_setting']}) "
+            f"{c['tokens_per_s_ratio_default_over_best_trl']:.2f}x; peak memory default/lowest "
+            f"({c['lowest_memory']}) {c['peak_memory_ratio_default_over_lowest']:.2f}x"
         )
+        if res.get("data_prep"):
+            print(f"data preparation rows per CPU-s lab/TRL {res['data_prep']['rows_per_cpu_s_ratio_lab_over_trl']:.2f}x")
     print(f"Wrote {a.out} in {res['seconds'] / 60:.1f} min")
     return 0
 

@@ -55,6 +55,30 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch_and_resumes(lab_
 
 
 def test_out_of_memory_at_micro_batch_one_with_checkpointing_gives_a_clear_error(lab_root):
-    from lab_utils.defaults import backoff
+    from transformers import TrainerCallback
 
-    assert backoff({"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True}) is None
+    import lab_utils as lab
+    from lab_utils.defaults import backoff
+    from lab_utils.errors import LabError
+
+    floor = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 16, "gradient_checkpointing": True}
+    assert backoff(floor) is None  # nothing smaller to try
+    run = lab.start("oom-floor", form={"data.limit": 40, "model.max_length": 64, "train.max_steps": 4,
+                                       **{f"train.{k}": v for k, v in floor.items()}})
+    tok = lab.load_tokenizer(run.cfg)
+    ds = lab.prepare_data(run, tok)
+    settings = lab.train_settings(run)
+    model, tok = lab.load_for_training(run.cfg, "plain", gradient_checkpointing=True)
+    trainer = lab.build_trainer(run, model, tok, ds, settings)
+
+    class FakeTinyGPU(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    trainer.add_callback(FakeTinyGPU())
+    with pytest.raises(LabError) as err:
+        lab.train(run, trainer, lab.plan_resume(run, trainer))
+    message = str(err.value)
+    assert "out of GPU memory even at micro-batch 1 with gradient checkpointing" in message
+    assert "lower model.max_length" in message  # the fix, in the same line
+    assert "\n" not in message

@@ -1,6 +1,7 @@
 """The bench's own measuring parts: the data it trains on, how it counts padding, how it summarises."""
 
 import importlib.util
+import json
 import statistics
 from pathlib import Path
 
@@ -48,20 +49,107 @@ def test_counting_collator_counts_pad_tokens_of_the_real_collator(bench):
 
 
 def test_summary_reports_the_median_of_interleaved_pair_ratios(bench):
-    def run(config, tps, rep):
-        return {
-            "config": config,
-            "rep": rep,
-            "tokens_per_s": tps,
-            "rss_peak_gib": 1.0,
-            "timed": {"padding_waste": 0.1},
-            "full_epoch": {"padding_waste": 0.05},
-            "estimated_peak_gib": {},
-            "settings": {},
-        }
-
-    runs = [run("seed", 100, 0), run("default", 300, 0), run("seed", 50, 1), run("default", 200, 1)]
-    runs += [run("seed", 100, 2), run("default", 250, 2)]
+    runs = [_summarized_run("seed", 0, 100, 100, 1), _summarized_run("default", 0, 300, 300, 1)]
+    runs += [_summarized_run("seed", 1, 50, 50, 1), _summarized_run("default", 1, 200, 200, 1)]
+    runs += [_summarized_run("seed", 2, 100, 100, 1), _summarized_run("default", 2, 250, 250, 1)]
     s = bench.summarize(runs)
     assert s["tokens_per_s_ratio_pairs"] == [3.0, 4.0, 2.5]
     assert s["tokens_per_s_ratio_default_over_seed"] == 3.0
+
+
+def _summarized_run(config, rep, cpu_tps, wall_tps, peak):
+    return {
+        "config": config,
+        "rep": rep,
+        "tokens_per_cpu_s": cpu_tps,
+        "tokens_per_s": wall_tps,
+        "cpu_seconds": 1000 / cpu_tps,
+        "seconds": 1000 / wall_tps,
+        "rss_peak_gib": peak,
+        "timed": {"padding_waste": 0.1},
+        "full_epoch": {"padding_waste": 0.05},
+        "estimated_peak_gib": {},
+        "settings": {},
+    }
+
+
+def test_summary_names_the_best_trl_setting_and_the_lowest_memory_and_ratios_use_cpu_time(bench):
+    runs = []
+    for rep, noise in enumerate((1.0, 0.5, 1.0)):  # repeat 1 ran on a busy machine: wall clock halves
+        runs += [
+            _summarized_run("seed", rep, 100, 100 * noise, 0.7),
+            _summarized_run("default", rep, 300, 300 * noise, 1.1),
+            _summarized_run("trl-as-is", rep, 150, 150 * noise, 1.0),
+            _summarized_run("trl-packing-1x4", rep, 250, 250 * noise, 0.6),
+        ]
+    s = bench.summarize(runs)
+    assert s["best_trl_setting"] == "trl-packing-1x4" and s["lowest_memory"] == "trl-packing-1x4"
+    assert s["tokens_per_s_ratio_default_over_seed"] == 3.0
+    assert s["tokens_per_s_ratio_default_over_best_trl"] == pytest.approx(1.2)
+    assert s["peak_memory_ratio_default_over_lowest"] == pytest.approx(1.1 / 0.6)
+    assert s["fastest"] == "default"
+    assert s["configs"]["seed"]["tokens_per_s"] == {"min": 50, "median": 100, "max": 100}
+
+
+@pytest.fixture(scope="module")
+def bench_runs(bench, tmp_path_factory):
+    """The bench's own path at tiny sizes, in this process: prepare() then one worker per kind of configuration."""
+    work = tmp_path_factory.mktemp("bench")
+    with pytest.MonkeyPatch.context() as mp:
+        for var in ("LAB_ROOT", "LAB_CONFIG", "LAB_RUN_NAME", "LAB_PROFILE"):
+            mp.delenv(var, raising=False)
+        mp.setenv("LAB_ROOT", str(work / "runs"))  # restored afterwards (the bench sets it itself)
+        report = bench.prepare(work, bench.bench_model(work, 64), rows=60, max_length=64)
+        runs = []
+        for config in ("seed", "default", "trl-packing-1x4", "trl-padding-free"):
+            out = work / f"{config}.json"
+            bench.worker(config, work, 12, out, bench.RUN_NAME, "plain", None)
+            runs.append({**json.loads(out.read_text()), "rep": 0, "wall_seconds": 1.0})
+    return report, runs
+
+
+@pytest.mark.slow
+def test_bench_prepares_its_data_from_a_fresh_folder_and_every_kind_of_run_trains(bench_runs):
+    report, runs = bench_runs
+    assert report["rows_in"] == 60 and report["length_stats"]["max"] <= 64
+    by = {r["config"]: r for r in runs}
+    assert by["seed"]["timed"]["padding_waste"] > 0.3  # every row padded to max_length
+    assert by["default"]["timed"]["padding_waste"] < by["seed"]["timed"]["padding_waste"]
+    for r in runs:
+        assert r["optimizer_steps"] >= 1 and r["cpu_seconds"] > 0 and r["rss_peak_gib"] > 0
+    assert by["trl-packing-1x4"]["settings"]["packing"] is True
+    assert by["trl-packing-1x4"]["timed"]["padding_waste"] == 0  # packed rows carry no padding
+    assert by["trl-padding-free"]["settings"]["padding_free"] is True
+    assert by["trl-packing-1x4"]["timed"]["real_tokens"] == by["default"]["timed"]["real_tokens"]  # same rows
+
+
+@pytest.mark.slow
+def test_bench_report_of_a_real_run_has_every_configuration_and_the_headline_ratios(bench, bench_runs):
+    report, runs = bench_runs
+    summary = bench.summarize(runs)
+    res = {
+        "date": "today", "machine": {"platform": "x", "cpus": 2, "torch": "t", "loadavg_start": [0, 0, 0]},
+        "max_length": 64, "threads": 1, "timed_rows": 12, "repeats": 1, "defaults_cli": [],
+        "gpu": {"skipped": "no CUDA"}, "data": {"length_stats": report["length_stats"]}, "cpu": summary,
+    }
+    res["notes"] = bench.notes(res)
+    md = bench.markdown(res)
+    for name in ("seed", "default", "trl-packing-1x4", "trl-padding-free"):
+        assert f"| {name} |" in md or f"| **{name}** |" in md
+    assert "over the best TRL setting" in md and "peak memory over the lowest" in md
+    for key in ("padding_waste_default", "padding_waste_seed", "tokens_per_s_ratio_default_over_seed",
+                "tokens_per_s_ratio_default_over_best_trl", "peak_memory_ratio_default_over_lowest"):
+        assert summary[key] is not None and summary[key] >= 0
+
+
+@pytest.mark.slow
+def test_resume_overhead_bench_resumes_from_its_middle_checkpoint(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_resume", BENCH.parent / "resume_overhead.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    for var in ("LAB_CONFIG", "LAB_RUN_NAME", "LAB_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    assert module.main(["--rows", "40", "--max-length", "64", "--steps", "4", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "resume_overhead.json").read_text())
+    assert result["sizes"]["resumed_from_step"] == 2
+    assert 0 < result["cold_start_to_first_step_s"] and 0 < result["resume_to_first_new_step_s"]

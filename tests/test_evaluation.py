@@ -8,9 +8,7 @@ import json
 import math
 
 import pytest
-import yaml
 
-from conftest import run_script
 from lab_utils.config import DEFAULTS
 from lab_utils.errors import LabError
 from lab_utils.evaluation import (
@@ -261,24 +259,10 @@ def test_chat_streams_a_reply_through_the_chat_template_and_reset_clears_it(tiny
 
 # ---------------------------------------------------------------------------------------------- a trained run (slow)
 
-CONFIG = {
-    "run_name": "evaluated",
-    "model": {"max_length": 128},
-    "train": {"max_steps": 40, "save_steps": 20, "learning_rate": 1e-3, "logging_steps": 10},
-}
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A run trained 40 steps (checkpoints 20 and 40) then evaluated by the 03 script; return (env, run_dir, output)."""
-    root = tmp_path_factory.mktemp("evallab")
-    cfg = root / "lab.yml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
-    env = {"LAB_ROOT": str(root / "runs"), "LAB_CONFIG": str(cfg)}
-    for name in ("01_data", "02_train", "03_evaluate"):  # 01's start() writes the config from LAB_CONFIG, as 00 would
-        proc = run_script(name, env)
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return env, root / "runs" / "evaluated", proc.stdout
+@pytest.fixture
+def trained(trained_run):
+    """The shared run (checkpoints 20 and 40, evaluated by the 03 script): (env, run folder, 03's output)."""
+    return trained_run.env, trained_run.dir, trained_run.outputs["03_evaluate"].stdout
 
 
 def _start(env, monkeypatch):

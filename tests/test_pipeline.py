@@ -1,4 +1,4 @@
-"""User story: the five notebooks run as plain scripts, in order, under the DESIGN.md contracts."""
+"""User story: the five notebooks run as plain scripts, in order, under the DESIGN.md contracts (the shared run)."""
 
 from __future__ import annotations
 
@@ -7,30 +7,15 @@ import json
 import pytest
 import yaml
 
-from conftest import run_script
+from conftest import E2E_CONFIG, run_script
 
 pytestmark = pytest.mark.slow
 
-CONFIG = {
-    "run_name": "e2e",
-    "model": {"max_length": 128},
-    "train": {"max_steps": 60, "save_steps": 20, "learning_rate": 1e-3, "logging_steps": 10},
-}
 
-
-@pytest.fixture(scope="module")
-def pipeline(tmp_path_factory):
-    """Run 00→04 once as scripts with LAB_ROOT and LAB_CONFIG; return (root, env, outputs)."""
-    root = tmp_path_factory.mktemp("lab")
-    cfg = root / "lab.yml"
-    cfg.write_text(yaml.safe_dump(CONFIG))
-    env = {"LAB_ROOT": str(root / "runs"), "LAB_CONFIG": str(cfg)}
-    outputs = {}
-    for name in ("00_setup", "01_data", "02_train", "03_evaluate", "04_export"):
-        proc = run_script(name, env)
-        outputs[name] = proc
-        assert proc.returncode == 0, f"{name} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
-    return root / "runs" / "e2e", env, outputs
+@pytest.fixture
+def pipeline(trained_run):
+    """The shared run made by 00→04 as scripts with LAB_ROOT and LAB_CONFIG: (run folder, env, outputs)."""
+    return trained_run.dir, trained_run.env, trained_run.outputs
 
 
 def test_scripts_leave_the_run_folder_of_the_contract(pipeline):
@@ -50,9 +35,9 @@ def test_scripts_leave_the_run_folder_of_the_contract(pipeline):
 def test_lab_config_replaces_the_notebook_form_fields(pipeline):
     run, _, _ = pipeline
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["run_name"] == "e2e"
-    assert saved["train"]["max_steps"] == 60
-    assert saved["model"]["max_length"] == 128
+    assert saved["run_name"] == E2E_CONFIG["run_name"]
+    assert saved["train"]["max_steps"] == E2E_CONFIG["train"]["max_steps"]
+    assert saved["model"]["max_length"] == E2E_CONFIG["model"]["max_length"]
     # the notebook's form field says LEARNING_RATE = 1e-3 too, but its MAX_STEPS = 200 must not win
     assert saved["train"]["max_steps"] != 200
 
@@ -73,13 +58,19 @@ def _snapshot(folder):
     return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else "dir" for p in sorted(folder.rglob("*"))}
 
 
-def test_rerunning_a_finished_run_says_so_and_changes_nothing(pipeline):
-    run, env, _ = pipeline
+def test_rerunning_a_finished_run_says_so_and_changes_nothing(pipeline, tmp_path):
+    import shutil
+
+    shared, env, _ = pipeline
+    run = tmp_path / "runs" / shared.name  # a copy: should the re-run write, the shared run stays as it was
+    shutil.copytree(shared, run)
+    env = {**env, "LAB_ROOT": str(tmp_path / "runs")}
+    steps = E2E_CONFIG["train"]["max_steps"]
     before = _snapshot(run)
     proc = run_script("02_train", env)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (f"Run e2e is finished: adapter at {run / 'adapter'}, step 60 of 60 — raise train.max_steps "
-            "(or num_train_epochs) to continue") in proc.stdout
+    assert (f"Run {shared.name} is finished: adapter at {run / 'adapter'}, step {steps} of {steps} — raise "
+            "train.max_steps (or num_train_epochs) to continue") in proc.stdout
     assert "Resuming" not in proc.stdout and "Saved adapter" not in proc.stdout
     after = _snapshot(run)
     assert after.keys() == before.keys(), f"added {set(after) - set(before)}, removed {set(before) - set(after)}"

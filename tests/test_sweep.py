@@ -202,6 +202,7 @@ def test_best_config_without_a_finished_trial_says_what_to_do(prepared_run):
 
 CONFIG = {
     "run_name": "sw",
+    "data": {"limit": 400},  # the trials train on 200 of them: 01_data need not prepare all 2000
     "model": {"max_length": 128},
     "train": {"max_steps": 60, "save_steps": 20, "learning_rate": 1e-3},
     "sweep": {
