@@ -232,8 +232,8 @@ def metric_kind(cfg: dict, references: list[str]) -> str:
 
 
 def lower_is_better(name: str) -> bool:
-    """Return True for metrics where smaller is better (loss, perplexity, *_mae, *_error)."""
-    return name in ("loss", "perplexity") or name.endswith(("_mae", "_error"))
+    """Return True for metrics where smaller is better (loss, eval_loss, perplexity, *_mae, *_error)."""
+    return name in ("loss", "perplexity") or name.endswith(("_loss", "_mae", "_error"))
 
 
 # ---------------------------------------------------------------------------------------------- naive baseline

@@ -26,6 +26,7 @@ from typing import Any
 
 from .config import DEFAULTS, _nearest, dump_yaml, get, validate
 from .errors import LabError
+from .evaluation import lower_is_better  # one direction per metric, shared with 03_evaluate
 from .run import Run
 
 __all__ = [
@@ -318,15 +319,6 @@ def _subset(dataset, spec: dict):
     return DatasetDict({"train": train, "validation": val})
 
 
-def _metric_kind(cfg: dict, references: list[str]) -> str:
-    from .embedded import parse_price
-
-    kind = cfg.get("eval", {}).get("metric", "auto")
-    if kind != "auto":
-        return kind
-    return "price" if references and all(parse_price(r) is not None for r in references) else "exact_match"
-
-
 def _measure(trial: Trial, model, tokenizer, val, path: str, train=None) -> dict[str, Any]:
     """Return the trial's validation loss and task metric (greedy answers on the validation sample) and the
     constant guess's (from the trial's training rows), saved to eval/."""
@@ -339,7 +331,7 @@ def _measure(trial: Trial, model, tokenizer, val, path: str, train=None) -> dict
     model.eval()
     loss = ev.assistant_loss(model, val, pad_id=tokenizer.pad_token_id)
     prompts, refs = zip(*[ev.prompt_and_reference(m) for m in val["messages"]], strict=True)
-    kind = _metric_kind(trial.cfg, list(refs))
+    kind = ev.metric_kind(trial.cfg, list(refs))  # the same choice as 03_evaluate
     preds = ev.generate(
         model, tokenizer, list(prompts), int(trial.cfg.get("eval", {}).get("max_new_tokens", 16))
     )
@@ -487,10 +479,6 @@ def run_sweep(sweep: Sweep, path: str | None = None, *, retry_failed: bool = Fal
     return rows
 
 
-def _lower_is_better(metric: str) -> bool:
-    return metric.endswith(("loss", "mae", "perplexity"))
-
-
 def _score(trial: Trial, metric: str) -> float | None:
     state = trial.state()
     if state.get("status") != "done":
@@ -511,7 +499,7 @@ def best_trial(sweep: Sweep) -> Trial | None:
     scored = [(s, t) for t in done if (s := _score(t, metric)) is not None]
     if not scored:
         return None
-    pick = min if _lower_is_better(metric) else max
+    pick = min if lower_is_better(metric) else max
     return pick(scored, key=lambda x: x[0])[1]
 
 
@@ -519,7 +507,7 @@ def sweep_table(sweep: Sweep) -> list[dict[str, Any]]:
     """Return one row per trial: settings, status, final train loss, validation loss, task metric, minutes, rank."""
     metric = sweep.spec["select_by"]
     scores = {t.name: s for t in sweep.trials if (s := _score(t, metric)) is not None}
-    order = sorted(scores, key=lambda n: scores[n], reverse=not _lower_is_better(metric))
+    order = sorted(scores, key=lambda n: scores[n], reverse=not lower_is_better(metric))
     task_keys: list[str] = []
     for t in sweep.trials:
         for k in t.state().get("metrics", {}):

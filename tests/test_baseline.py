@@ -239,3 +239,23 @@ def test_the_demo_summary_prints_the_baseline_beside_base_and_tuned():
     assert "base 30.000 → tuned 0.000" in mae and "(baseline 16.667: always answering 'Price is $30')" in mae
     assert "baseline" not in next(x for x in lines if x.startswith("price_parsed:"))
     assert lines[-1].startswith("Verdict:          It worked") and "better than a constant guess by 16.7" in lines[-1]
+
+
+@pytest.mark.parametrize("refs, kind", [
+    (["Price is $120", "Price is $80"], "price"),
+    (["42", "7.5"], "number"),
+    (["yes", "no"], "exact_match"),
+])
+def test_a_sweep_ranks_by_the_metric_and_direction_03_reports(refs, kind):
+    """05_sweep and 03_evaluate decide the metric and its direction in one place (they had drifted apart)."""
+    import inspect
+
+    from lab_utils import evaluation, sweep
+
+    assert evaluation.metric_kind({"eval": {"metric": "auto"}}, refs) == kind
+    source = inspect.getsource(sweep)
+    assert "ev.metric_kind(" in source and "def _metric_kind" not in source and "def _lower_is_better" not in source
+    for name in ("eval_loss", "loss", "perplexity", "price_mae", "number_mae", "number_error"):
+        assert sweep.lower_is_better(name) and evaluation.lower_is_better(name)
+    for name in ("exact_match", "price_parsed", "tool_call_match", "regex_match"):
+        assert not sweep.lower_is_better(name)
