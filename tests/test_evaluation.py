@@ -259,7 +259,7 @@ def test_chat_streams_a_reply_through_the_chat_template_and_reset_clears_it(tiny
 
 # ---------------------------------------------------------------------------------------------- a trained run (slow)
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def trained(trained_run):
     """The shared run (checkpoints 20 and 40, evaluated by the 03 script): (env, run folder, 03's output)."""
     return trained_run.env, trained_run.dir, trained_run.outputs["03_evaluate"].stdout
