@@ -337,7 +337,7 @@ def _library_schema(section: str) -> dict[str, dict]:
     schema = _build_schema(section)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp = tmp_path(path)
         tmp.write_text(json.dumps(schema, sort_keys=True))
         tmp.replace(path)
     except OSError:

@@ -804,7 +804,9 @@ def _plot_lengths(lengths: list[int], max_length: int, out: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    from .config import tmp_path
+
+    tmp = tmp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     os.replace(tmp, path)
 

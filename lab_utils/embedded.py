@@ -251,7 +251,9 @@ def resolve_data(path: str) -> str:
         out, make = cache_root() / f"pricer-v{PRICER_VERSION}-{DATA_SEED}-{DATA_ROWS}.jsonl", pricer_rows
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f"{out.name}.{os.getpid()}.tmp")  # two notebooks may build it at once
+        from .config import tmp_path
+
+        tmp = tmp_path(out)  # two notebooks may build it at once
         tmp.write_text("".join(json.dumps(r) + "\n" for r in make()))
         tmp.replace(out)
     return str(out)

@@ -38,6 +38,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from .config import tmp_path
 from .embedded import parse_price
 from .errors import LabError
 
@@ -590,7 +591,7 @@ class _Parts:
             pass
         value = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = self.path(key).with_suffix(".tmp")
+        tmp = tmp_path(self.path(key))
         tmp.write_text(json.dumps({"label": label, "value": value}))
         os.replace(tmp, self.path(key))
         self.computed.append(label)
@@ -602,7 +603,7 @@ class _Parts:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp = tmp_path(path)
     tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
     os.replace(tmp, path)
 
@@ -797,7 +798,7 @@ def evaluate_run(
             row.update({c: _shown_call(row[c]) for c in ("reference", "base", "tuned", "best") if c in row})
         lines.append(json.dumps(row, ensure_ascii=False))
     run.eval_dir.mkdir(parents=True, exist_ok=True)
-    tmp = run.eval_dir / "generations.jsonl.tmp"
+    tmp = tmp_path(run.eval_dir / "generations.jsonl")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, run.eval_dir / "generations.jsonl")
     _write_json(run.eval_dir / "metrics.json", results)

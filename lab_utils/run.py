@@ -28,6 +28,7 @@ from .config import (
     load_yaml,
     merge_defaults,
     resolve_config,
+    tmp_path,
     validate,
 )
 from .environment import import_unsloth_first, lab_root
@@ -259,7 +260,7 @@ def _runs_listed(root: Path) -> str:
 def write_pointer(root: Path, name: str) -> Path:
     """Record name as the run 00_setup set up (root/current_run.json, written atomically); return its path."""
     path = root / POINTER
-    tmp = path.with_name(f".{POINTER}.{os.getpid()}.tmp")
+    tmp = tmp_path(path)
     body = {"run_name": name, "set_up": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     tmp.write_text(json.dumps(body))
     os.replace(tmp, path)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULTS, _nearest, dump_yaml, get, validate
+from .config import DEFAULTS, _nearest, dump_yaml, get, tmp_path, validate
 from .errors import LabError
 from .evaluation import lower_is_better  # one direction per metric, shared with 03_evaluate
 from .run import Run
@@ -296,7 +296,7 @@ def plan_table(sweep: Sweep) -> list[dict[str, Any]]:
 
 def _write_state(trial: Trial, **state: Any) -> None:
     path = trial.dir / STATE
-    tmp = path.with_name(STATE + ".tmp")
+    tmp = tmp_path(path)
     tmp.write_text(json.dumps(state, indent=1, default=str))
     os.replace(tmp, path)
 
@@ -350,12 +350,13 @@ def _measure(trial: Trial, model, tokenizer, val, path: str, train=None) -> dict
                                          for k in keys if k in guess}}
     out = trial.eval_dir
     out.mkdir(parents=True, exist_ok=True)
-    with open(out / "generations.jsonl.tmp", "w") as f:
+    gen_tmp, metrics_tmp = tmp_path(out / "generations.jsonl"), tmp_path(out / "metrics.json")
+    with open(gen_tmp, "w") as f:
         for p, r, g in zip(prompts, refs, preds, strict=True):
             f.write(json.dumps({"prompt": p[-1]["content"], "reference": r, "tuned": g}) + "\n")
-    os.replace(out / "generations.jsonl.tmp", out / "generations.jsonl")
-    (out / "metrics.json.tmp").write_text(json.dumps({**metrics, "metric": kind, "rows": len(val)}, indent=2))
-    os.replace(out / "metrics.json.tmp", out / "metrics.json")
+    os.replace(gen_tmp, out / "generations.jsonl")
+    metrics_tmp.write_text(json.dumps({**metrics, "metric": kind, "rows": len(val)}, indent=2))
+    os.replace(metrics_tmp, out / "metrics.json")
     return metrics
 
 
@@ -473,8 +474,9 @@ def run_sweep(sweep: Sweep, path: str | None = None, *, retry_failed: bool = Fal
         _free_memory()
     rows = sweep_table(sweep)
     out = sweep.dir / "results.json"
-    out.with_suffix(".tmp").write_text(json.dumps(rows, indent=1, default=str))
-    os.replace(out.with_suffix(".tmp"), out)
+    tmp = tmp_path(out)
+    tmp.write_text(json.dumps(rows, indent=1, default=str))
+    os.replace(tmp, out)
     print(f"\nSaved comparison → {sweep.run.display(out)}")
     return rows
 
@@ -637,7 +639,7 @@ def write_best_config(sweep: Sweep) -> Path:
         f"({metric} {_score(best, metric):.4g} after {sweep.spec['max_steps']} steps).\n"
         f"# Train it fully: LAB_CONFIG={path} for 01_data and 02_train (then 03, 04).\n"
     )
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_path(path)
     tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
     os.replace(tmp, path)
     changes = ", ".join(
