@@ -28,6 +28,7 @@ from .defaults import PROFILES
 from .embedded import EMBEDDED_DATA, EMBEDDED_DATASETS, EMBEDDED_MODEL
 from .errors import LabError
 from .export import CONVERTER_OUTTYPES, EXPORT_PARTS
+from .files import tmp_path  # noqa: F401 — re-exported: older imports say config.tmp_path
 
 __all__ = [
     "DEFAULTS",
@@ -987,13 +988,6 @@ def diff_configs(old: dict, new: dict) -> dict[str, tuple[Any, Any]]:
     """Return {dotted_key: (old, new)} for every value that differs between two configs."""
     a, b = _flatten(old), _flatten(new)
     return {k: (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)}
-
-
-def tmp_path(path: Path) -> Path:
-    """Return a temporary sibling name for path, unique to this process (pid + random), for write-then-rename."""
-    import secrets
-
-    return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def dump_yaml(cfg: dict, path: Path) -> None:

@@ -16,7 +16,7 @@ import errno
 import re
 import sys
 
-__all__ = ["LabError", "install_handler", "user_message", "on_error_exit"]
+__all__ = ["LabError", "problem", "install_handler", "user_message", "on_error_exit"]
 
 _CLEANUPS: list = []  # run before a script exits on an error (os._exit skips atexit): e.g. release a run lock
 
@@ -150,3 +150,17 @@ def install_handler() -> None:
         os._exit(1)
 
     sys.excepthook = hook
+
+
+def problem(what: str, got: object = None, fix: str = "") -> LabError:
+    """Return the one-line LabError in the lab's one style: "what, got X — fix" (got and fix optional).
+
+    ``got`` is shown as written when it is a string (quote it yourself), else as its repr. Raise it:
+    ``raise problem("train.learning_rate must be a number", got="'fast'", fix="e.g. 2e-4")``.
+    """
+    line = what
+    if got is not None:
+        line += f", got {got!r}" if not isinstance(got, str) or got == "" else f", got {got}"
+    if fix:
+        line += f" — {fix}"
+    return LabError(line)
