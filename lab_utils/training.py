@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from . import distributed as dist
 from . import tracking
 from .checkpoints import (
     HASH,
@@ -137,6 +138,10 @@ def train_settings(run, dataset=None, hardware=None) -> dict[str, Any]:
         if k in chosen and k not in user:
             settings[k] = chosen[k]
     _keep_first_layout(run, settings, user)
+    _keep_effective_batch(run, settings, user)
+    if dist.fsdp_enabled() and "optim" not in user:
+        settings["optim"] = "adamw_torch"  # peft: FSDP-QLoRA cannot checkpoint a paged/8-bit optimizer
+        settings.setdefault("_kept", []).append("optim=adamw_torch: FSDP shards the optimizer state instead of paging it")
     settings["_hardware"] = hw
     settings["_attn_implementation"] = cfg["train"].get("attn_implementation") or chosen.get("attn_implementation")
     settings["_estimated_peak_gib"] = chosen.get("estimated_peak_gib")
@@ -174,9 +179,36 @@ def _keep_first_layout(run, settings: dict, user: dict) -> None:
     )
 
 
-def effective_batch(settings: dict) -> int:
-    """Return micro-batch × accumulation steps."""
-    return int(settings.get("per_device_train_batch_size", 8)) * int(settings.get("gradient_accumulation_steps", 1))
+def effective_batch(settings: dict, processes: int | None = None) -> int:
+    """Return the rows per optimizer update: micro-batch × accumulation steps × processes (this launch's by default)."""
+    n = dist.world_size() if processes is None else processes
+    return int(settings.get("per_device_train_batch_size", 8)) * int(settings.get("gradient_accumulation_steps", 1)) * n
+
+
+def _keep_effective_batch(run, settings: dict, user: dict) -> None:
+    """Split the run's effective batch over this launch's processes (accumulation adjusted; a reason line says so).
+
+    The run's effective batch is the newest checkpoint's, else what one process would use: a run started
+    in a notebook continues under `torchrun` (and back) with the same updates.
+    """
+    from .checkpoints import read_manifest, scan_checkpoints
+
+    complete, _ = scan_checkpoints(run.checkpoints_dir)
+    saved = read_manifest(complete[-1][1]).get("identity", {}).get("effective_batch") if complete else None
+    micro = int(settings.get("per_device_train_batch_size", 8))
+    accum = int(settings.get("gradient_accumulation_steps", 1))
+    target = int(saved) if isinstance(saved, int) and saved > 0 else micro * accum
+    n = dist.world_size()
+    if micro * accum * n == target:
+        return
+    micro, accum = dist.split_batch(target, n, micro, accum, micro_fixed="per_device_train_batch_size" in user,
+                                    accumulation_fixed="gradient_accumulation_steps" in user)
+    settings.update(per_device_train_batch_size=micro, gradient_accumulation_steps=accum)
+    where = f"{complete[-1][1].name}'s" if saved else "the run's"
+    settings.setdefault("_kept", []).append(
+        f"micro-batch {micro} × accumulation {accum} × {n} process{'es' if n > 1 else ''} = {target}: "
+        f"{where} effective batch, kept for this process count"
+    )
 
 
 def total_steps(settings: dict, n_rows: int) -> int:
@@ -201,7 +233,8 @@ def settings_table(run, settings: dict, n_rows: int) -> list[dict[str, Any]]:
         rows.append({"setting": f"lora.{key}", "value": value, "why": EXPLAIN.get(key, "")})
     rows.append({"setting": "model.max_length", "value": run.cfg["model"]["max_length"], "why": EXPLAIN["max_length"]})
     eb = effective_batch(settings)
-    rows.append({"setting": "effective batch", "value": eb, "why": "rows per optimizer update (micro × accumulation)"})
+    why = "rows per optimizer update (micro × accumulation" + (f" × {dist.world_size()} processes)" if dist.is_distributed() else ")")
+    rows.append({"setting": "effective batch", "value": eb, "why": why})
     rows.append({"setting": "total steps", "value": total_steps(settings, n_rows), "why": f"for {n_rows} training rows"})
     return rows
 
@@ -267,7 +300,7 @@ _LOCKS: dict[Path, RunLock] = {}  # run folder → the lock this process holds o
 
 def lock_run(run) -> None:
     """Take the run's trainer lock (once per process), or LabError naming the trainer that holds it."""
-    if run.dir in _LOCKS:
+    if run.dir in _LOCKS or not dist.is_main():  # one lock per run, held by the process that writes
         return
     check_checkpoints_folder(run.checkpoints_dir)
     lock = RunLock(run.dir)
@@ -305,6 +338,7 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
     keep = kwargs.pop("save_total_limit", 2)
     kwargs.setdefault("eval_steps", kwargs.get("save_steps"))
     kwargs = tracking.trainer_kwargs(run, kwargs)  # report_to checked; trackers write into the run folder
+    kwargs.update(dist.trainer_kwargs(kwargs))  # several processes: gloo on CPU, quiet replicas, LoRA-only DDP
     has_val = "validation" in dataset and len(dataset["validation"]) > 0
     args = SFTConfig(
         output_dir=str(run.checkpoints_dir),
@@ -370,7 +404,7 @@ def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
     """Return where training starts, printing the skipped folders and one line: resume or fresh start."""
     cb = trainer._lab_callback
     try:
-        plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
+        plan = dist.from_main(lambda: choose_resume(run.checkpoints_dir, cb.identity, explicit))  # one choice for all
     except BaseException:
         unlock_run(run)
         raise
@@ -463,6 +497,9 @@ def train(run, trainer, plan: ResumePlan) -> TrainResult:
 
 def _move_out_of_the_way(run, plan: ResumePlan) -> None:
     """Move checkpoint folders past the resume point aside: the Trainer would write into them in place."""
+    if not dist.is_main():
+        plan.in_the_way = []
+        return
     for old, new in zip(plan.in_the_way, set_aside(run.dir, plan.in_the_way), strict=True):
         print(f"Moved {old.name} aside → {run.display(new)} (training from step {plan.step} would write into it in place)")
     plan.in_the_way = []
@@ -486,6 +523,13 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
         except Exception as e:  # only CUDA out-of-memory is handled; everything else propagates
             if not defaults.is_oom(e):
                 raise
+            if dist.is_distributed():  # the processes cannot rebuild their trainers in step: say what to set
+                micro = int(trainer.args.per_device_train_batch_size)
+                raise LabError(
+                    f"out of GPU memory at micro-batch {micro} in process {dist.rank()} — set "
+                    f"train.per_device_train_batch_size: {max(micro // 2, 1)} in the config (the effective batch "
+                    "is kept) and launch again: training continues from the last checkpoint"
+                ) from None
             old = {k: getattr(trainer.args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
                                                          "gradient_checkpointing")}
             settings = {**trainer._lab_settings, **old}
@@ -505,13 +549,15 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
             trainer = _rebuild_after_oom(run, trainer, {**trainer._lab_settings, **geometry})
             plan = plan_resume(run, trainer)
     _write_log_history(run, trainer)
-    if trainer._lab_callback.stop_reason:
+    if trainer._lab_callback.stop_reason and dist.is_main():  # the others stopped with it: one line
         raise LabError(trainer._lab_callback.stop_reason)
     loss = getattr(out, "training_loss", None)
     return TrainResult(trainer.state.global_step, time.monotonic() - t0, plan.checkpoint.name if plan.checkpoint else None, loss)
 
 
 def _write_log_history(run, trainer) -> None:
+    if not dist.is_main():
+        return
     path = run.dir / "log_history.json"
     tmp = tmp_path(path)
     try:
@@ -531,13 +577,17 @@ def save_adapter(run, trainer) -> Path:
     plan = getattr(trainer, "_lab_plan", None)
     if plan is not None and plan.finished and _adapter_is(run, plan.checkpoint):
         return out
-    tmp = tmp_path(out)
+    finished = plan is not None and plan.finished
+    gathered = None if finished else _save_fsdp_adapter(trainer, out)  # under FSDP every process takes part
+    if not dist.is_main():  # the main process writes the adapter
+        return out
+    tmp = gathered or tmp_path(out)
     try:
-        if plan is not None and plan.finished:
+        if finished:
             tmp.mkdir()
             for name in ("adapter_model.safetensors", "adapter_config.json"):
                 shutil.copy2(plan.checkpoint / name, tmp / name)
-        else:
+        elif gathered is None:
             trainer.model.save_pretrained(str(tmp))
         trainer.processing_class.save_pretrained(str(tmp))
         if out.exists():
@@ -552,6 +602,17 @@ def save_adapter(run, trainer) -> Path:
     source = f" (from {plan.checkpoint.name})" if plan is not None and plan.finished else ""
     print(f"Saved adapter{source} → {run.display(out)}")
     return out
+
+
+def _save_fsdp_adapter(trainer, out: Path) -> Path | None:
+    """Under FSDP, gather the LoRA weights whole (peft's FULL_STATE_DICT at the end) into one shared temporary
+    folder, written by the main process; return it (None without FSDP)."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    folder = Path(dist.from_main(lambda: str(tmp_path(out))))  # one name for every process
+    trainer.save_model(str(folder))  # every process gathers; the main one writes adapter_model.safetensors
+    return folder
 
 
 def memory_table(settings: dict) -> list[dict[str, Any]]:
