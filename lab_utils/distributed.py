@@ -90,11 +90,27 @@ def _group_ready() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _end_with_launcher() -> None:
+    """On Linux, end this process when its launcher ends, even by SIGKILL (torchrun starts each worker in its own
+    session, so a killed launcher would leave them training on, holding the run's lock)."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the launcher ended before the line above
+        os._exit(1)
+
+
 def init() -> None:
     """Join the launcher's process group (nccl on GPUs, gloo on CPU) through Accelerate; no-op in one process."""
     if not is_distributed() or _group_ready():
         return
+    _end_with_launcher()
     import torch
+
     from accelerate import PartialState
 
     PartialState(cpu=not torch.cuda.is_available(), timeout=SETUP_TIMEOUT)
@@ -190,8 +206,7 @@ def install_handler() -> None:
 
     A process that fails because another one died ends without a line (the launcher's summary and the
     first process's line say what happened); the non-main processes hold their line for a moment, so
-    that when every process fails alike the launcher ends them before they print it again. SIGTERM from
-    the launcher ends a process quietly, after releasing what it held (the run lock).
+    that when every process fails alike the launcher ends them before they print it again.
     """
     from . import errors
 
@@ -210,13 +225,7 @@ def install_handler() -> None:
             print(f"(process {rank()} of {world_size()})", file=sys.stderr)
         previous(exc_type, exc, tb)
 
-    sys.excepthook = hook
-
-    def on_term(signum, frame):
-        errors._run_cleanups()
-        os._exit(128 + signum)
-
-    signal.signal(signal.SIGTERM, on_term)
+    sys.excepthook = hook  # SIGTERM from the launcher keeps its default: a process blocked in a collective ends at once
 
 
 def trainer_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
@@ -339,6 +348,10 @@ def fsdp_problems(cfg: dict, settings: dict, *, bf16: bool) -> list[str]:
     if "8bit" in optim or "paged" in optim:
         out.append(f"train.optim is {optim}: FSDP-QLoRA cannot save a checkpoint with a paged/8-bit optimizer (peft) — "
                    "set train.optim: adamw_torch")
+    state = os.environ.get("FSDP_STATE_DICT_TYPE", "").strip().upper()
+    if state and "FULL_STATE_DICT" not in state:
+        out.append(f"fsdp_state_dict_type is {state}: checkpoints would hold shards, not the adapter the lab verifies "
+                   f"and resumes (also with another process count) — set fsdp_state_dict_type: FULL_STATE_DICT {yaml_hint}")
     if _env_true("FSDP_ACTIVATION_CHECKPOINTING") and settings.get("gradient_checkpointing"):
         out.append("fsdp_activation_checkpointing and train.gradient_checkpointing are both on — keep one: set "
                    "train.gradient_checkpointing: false")

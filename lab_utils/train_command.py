@@ -65,8 +65,8 @@ def _parse(argv: list[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Train the run as 02_train does (several processes when a launcher started them); return the exit status."""
     resume_from = _parse(sys.argv[2:] if argv is None else argv)
-    dist.install_handler()
     dist.init()
+    dist.install_handler()  # after init: torch's own hook would buffer the error line and lose it at os._exit
     dist.quiet_replicas()
     import lab_utils as lab
 

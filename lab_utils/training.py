@@ -292,6 +292,18 @@ def _trainer_class():
                 )
             return sampler
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # Several CPU processes: transformers loads the optimizer state onto args.device, which accelerate
+            # names 'cpu:0', a location torch.load cannot restore to. 'cpu' is the same memory.
+            device = self.args.__dict__.get("_setup_devices")  # TrainingArguments.device's cached value
+            if not (isinstance(device, torch.device) and device.type == "cpu" and device.index is not None):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            self.args.__dict__["_setup_devices"] = torch.device("cpu")
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                self.args.__dict__["_setup_devices"] = device
+
     return LabSFTTrainer
 
 
