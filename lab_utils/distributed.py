@@ -248,21 +248,23 @@ def trainer_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
 
 def split_batch(target: int, processes: int, micro: int, accumulation: int, *, micro_fixed: bool = False,
                 accumulation_fixed: bool = False) -> tuple[int, int]:
-    """Return (micro-batch, accumulation) with micro × accumulation × processes == target, keeping the micro-batch where it divides.
+    """Return (micro-batch, accumulation) with micro × accumulation × processes == target: accumulation adjusted,
+    the micro-batch lowered only where it must be (memory stays within the chosen one).
 
-    The micro-batch only shrinks (memory stays within the chosen one); LabError naming the fix when the
-    target cannot be split evenly, or the config fixed both values to another total.
+    LabError naming the fix when the target cannot be split evenly, or when the config's own
+    accumulation (an explicit choice, never adjusted) makes another effective batch.
     """
     from .errors import problem
 
-    if micro_fixed and accumulation_fixed:
-        if micro * accumulation * processes != target:
-            raise problem(
-                f"train.per_device_train_batch_size × gradient_accumulation_steps × {processes} processes is "
-                f"{micro * accumulation * processes}, but the run's effective batch is {target}",
-                fix="remove train.gradient_accumulation_steps from the config (the lab then keeps the effective batch), "
-                    "or use a new run_name",
-            )
+    if accumulation_fixed and micro * accumulation * processes != target:
+        raise problem(
+            f"micro-batch {micro} × train.gradient_accumulation_steps {accumulation} × {processes} "
+            f"process{'es' if processes > 1 else ''} makes an effective batch of {micro * accumulation * processes}, "
+            f"but this run's checkpoints were trained with {target}",
+            fix="remove train.gradient_accumulation_steps from the config (the lab then keeps the effective batch), "
+                "or use a new run_name",
+        )
+    if accumulation_fixed:
         return micro, accumulation
     if target % processes:
         raise problem(
@@ -270,15 +272,6 @@ def split_batch(target: int, processes: int, micro: int, accumulation: int, *, m
             fix=f"launch a process count that divides {target} (e.g. {_divisors_hint(target)}), or start a new run_name",
         )
     per_process = target // processes
-    if accumulation_fixed:
-        if per_process % accumulation:
-            raise problem(
-                f"train.gradient_accumulation_steps={accumulation} does not divide the {per_process} rows each of "
-                f"{processes} processes takes per update (effective batch {target})",
-                fix="remove train.gradient_accumulation_steps (the lab picks it), or set a divisor of "
-                    f"{per_process}",
-            )
-        return per_process // accumulation, accumulation
     if micro_fixed:
         if per_process % micro:
             raise problem(

@@ -199,10 +199,11 @@ def _keep_effective_batch(run, settings: dict, user: dict) -> None:
     accum = int(settings.get("gradient_accumulation_steps", 1))
     target = int(saved) if isinstance(saved, int) and saved > 0 else micro * accum
     n = dist.world_size()
-    if micro * accum * n == target:
+    fixed = "gradient_accumulation_steps" in user  # the config's own accumulation is never adjusted
+    if micro * accum * n == target or (fixed and saved is None):
         return
     micro, accum = dist.split_batch(target, n, micro, accum, micro_fixed="per_device_train_batch_size" in user,
-                                    accumulation_fixed="gradient_accumulation_steps" in user)
+                                    accumulation_fixed=fixed)
     settings.update(per_device_train_batch_size=micro, gradient_accumulation_steps=accum)
     where = f"{complete[-1][1].name}'s" if saved else "the run's"
     settings.setdefault("_kept", []).append(

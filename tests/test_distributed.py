@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from test_resume import _adapter, _max_diff  # the run's final adapter, and the largest weight difference
 
 from lab_utils import distributed as dist
 from lab_utils.checkpoints import missing_required, verify_checkpoint
@@ -50,8 +51,8 @@ def test_split_batch_refuses_in_one_line_when_the_batch_cannot_be_split():
         dist.split_batch(16, 3, 8, 2)
     with pytest.raises(LabError, match="per_device_train_batch_size=3 does not divide"):
         dist.split_batch(16, 2, 3, 1, micro_fixed=True)
-    with pytest.raises(LabError, match="run's effective batch is 16 — remove train.gradient_accumulation_steps"):
-        dist.split_batch(16, 2, 8, 2, micro_fixed=True, accumulation_fixed=True)
+    with pytest.raises(LabError, match="effective batch of 32, but this run's checkpoints were trained with 16 — remove"):
+        dist.split_batch(16, 2, 8, 2, accumulation_fixed=True)  # the config's accumulation is never adjusted
 
 
 def test_checkpoint_of_several_processes_counts_as_complete():
@@ -167,17 +168,6 @@ def _finish(proc: subprocess.Popen, timeout: float = 300) -> str:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         raise
-
-
-def _adapter(run_dir: Path) -> dict:
-    from safetensors.torch import load_file
-
-    return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
-
-
-def _max_diff(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 @pytest.fixture(scope="module")
