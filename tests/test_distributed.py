@@ -62,6 +62,17 @@ def test_checkpoint_of_several_processes_counts_as_complete():
     assert missing_required(one) == ["rng_state.pth"]
 
 
+def test_only_a_dead_peers_error_ends_a_process_without_a_line():
+    gloo = RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5")
+    assert dist._peer_failed(gloo)
+    try:
+        raise ValueError("while waiting") from gloo
+    except ValueError as e:
+        assert dist._peer_failed(e)  # found through the chain
+    assert not dist._peer_failed(LabError("the run is locked"))
+    assert not dist._peer_failed(RuntimeError("CUDA out of memory"))
+
+
 def _accelerate_env(config_file: Path) -> dict[str, str]:
     """Return the environment `accelerate launch --config_file config_file` gives each process (accelerate's own code)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
