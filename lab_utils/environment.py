@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import LabError
+from .hardware import bf16_capable  # noqa: F401 (re-exported: moved to hardware.py)
 
 __all__ = [
     "in_colab",
@@ -290,21 +291,6 @@ def show_port_in_colab(port: int, height: int = 600) -> bool:
 
     output.serve_kernel_port_as_iframe(port, height=str(height))
     return True
-
-
-def bf16_capable(capability: tuple[int, int] | None = None) -> bool:
-    """Return True when the GPU (CUDA device 0, or the given compute capability) has native bf16: capability >= 8.0.
-
-    The one bf16 decision: torch.cuda.is_bf16_supported() is not asked, since in torch 2.13 it counts
-    emulation and says True on a T4 (7.5), where bf16 is slow and training uses fp16.
-    """
-    if capability is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False
-        capability = tuple(torch.cuda.get_device_capability(0))
-    return tuple(capability) >= (8, 0)
 
 
 _PLAIN = "plain transformers + peft + bitsandbytes"
