@@ -180,20 +180,19 @@ def require_hardware(profile: str, origin: str = "profile") -> None:
     spec = PROFILES.get(profile)
     if spec is None or spec["hardware"] == "cpu":
         return
-    import torch
+    from .hardware import detect_hardware
 
     wanted = hardware_from_name(spec["hardware"])
-    if not torch.cuda.is_available():
+    hw = detect_hardware()
+    if hw.kind != "cuda":
         raise LabError(
             f"{origin} {profile} needs a CUDA GPU ({spec['hardware']}), and this machine has none — on Colab pick "
             "Runtime → Change runtime type → T4 GPU; elsewhere set LAB_PROFILE=auto (or cpu-smoke)"
         )
-    props = torch.cuda.get_device_properties(0)
-    memory = props.total_memory / 2**30
-    if memory < 0.95 * wanted.memory_gib:
+    if hw.memory_gib < 0.95 * wanted.memory_gib:
         raise LabError(
             f"{origin} {profile} is sized for a {spec['hardware']} ({wanted.memory_gib:.0f} GiB), this GPU is a "
-            f"{props.name} with {memory:.1f} GiB — set LAB_PROFILE=auto to size the batch for this GPU"
+            f"{hw.name} with {hw.memory_gib:.1f} GiB — set LAB_PROFILE=auto to size the batch for this GPU"
         )
 
 
@@ -301,9 +300,9 @@ def _unsloth_wanted() -> str | None:
     """Return why unsloth is not for this machine (LAB_NO_UNSLOTH, no CUDA GPU, not installed), or None."""
     if os.environ.get("LAB_NO_UNSLOTH"):
         return "LAB_NO_UNSLOTH is set"
-    import torch
+    from .hardware import cuda_available
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return "no CUDA GPU; unsloth needs one"
     if importlib.util.find_spec("unsloth") is None:
         return "unsloth is not installed"
@@ -361,14 +360,16 @@ def environment_report(root: Path | None = None) -> list[tuple[str, str]]:
     """Return rows (what, value) describing GPU, VRAM, bf16, Drive space, torch and training path."""
     import torch
 
+    from .hardware import detect_hardware
+
     rows: list[tuple[str, str]] = [("Colab", "yes" if in_colab() else "no")]
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+    hw = detect_hardware()
+    if hw.kind == "cuda" and hw.capability is not None:
         rows += [
-            ("GPU", props.name),
-            ("GPU memory", f"{props.total_memory / 2**30:.1f} GiB"),
-            ("compute capability", f"{props.major}.{props.minor}"),
-            ("bf16", "yes" if bf16_capable((props.major, props.minor)) else "no (fp16 will be used)"),
+            ("GPU", hw.name),
+            ("GPU memory", f"{hw.memory_gib:.1f} GiB"),
+            ("compute capability", f"{hw.capability[0]}.{hw.capability[1]}"),
+            ("bf16", "yes" if hw.bf16 else "no (fp16 will be used)"),
         ]
     else:
         rows += [("GPU", "none (CPU only: fine for the embedded demo, slow for real models)")]

@@ -160,20 +160,18 @@ def _device_and_dtype() -> tuple[str, Any]:
     """Return ('cuda', float16) when a GPU is there, else ('cpu', float32): the dtype used for checks."""
     import torch
 
-    if torch.cuda.is_available():
+    from .hardware import cuda_available
+
+    if cuda_available():
         return "cuda", torch.float16
     return "cpu", torch.float32
 
 
 def _release() -> None:
     """Give back the memory of models the caller has just deleted (GPU included)."""
-    import gc
+    from .hardware import free_memory
 
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def _random_ids(vocab_size: int, n_tokens: int, seed: int) -> Any:

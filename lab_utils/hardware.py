@@ -96,3 +96,23 @@ def hardware_from_name(gpu: str) -> Hardware:
         f"unknown GPU name: got {gpu!r}; known: {', '.join(KNOWN_GPU_NAMES)} (case-insensitive, "
         "'A100' means A100-40GB); fix: pass one of those, or detect_hardware() for this machine"
     )
+
+
+def cuda_available() -> bool:
+    """Return True when a CUDA GPU is visible to torch."""
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def free_memory() -> None:
+    """Give back the memory of objects the caller has just dropped: a garbage collection, then CUDA's cache."""
+    import gc
+
+    gc.collect()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

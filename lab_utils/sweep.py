@@ -12,7 +12,6 @@ the work already done. A trial that fails (out of memory, any error) is recorded
 from __future__ import annotations
 
 import copy
-import gc
 import itertools
 import json
 import math
@@ -406,14 +405,9 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
+    from .hardware import free_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_memory()
 
 
 def _run_trial(trial: Trial, data, path: str) -> None:

@@ -425,9 +425,7 @@ def _save_now(trainer) -> Path | None:
 
 def _rebuild_after_oom(run, trainer, settings: dict):
     """Return a new trainer on the same model and data with `settings`, keeping the user's extra callbacks."""
-    import gc
-
-    import torch
+    from .hardware import free_memory
 
     extra = [
         cb
@@ -441,9 +439,7 @@ def _rebuild_after_oom(run, trainer, settings: dict):
         data["validation"] = trainer.eval_dataset
     trainer.optimizer = trainer.lr_scheduler = None
     del trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
     new = build_trainer(run, model, tok, data, settings)
     for cb in extra:
         new.add_callback(cb)
