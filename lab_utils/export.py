@@ -551,17 +551,9 @@ def _count_params(model_path: str) -> int:
             return total
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(model_path))
-    cfg = getattr(cfg, "text_config", None) or cfg
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    n_layers, vocab = cfg.num_hidden_layers, cfg.vocab_size
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or h // n_heads
-    attn = h * n_heads * head_dim * 2 + h * n_kv * head_dim * 2
-    per_layer = attn + 3 * h * inter + 2 * h
-    embed = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
-    return int(n_layers * per_layer + embed + h)
+    from .memory import shape_from_config
+
+    return shape_from_config(AutoConfig.from_pretrained(str(model_path))).params()
 
 
 def estimate_export_bytes(model_path: str, outtypes: Sequence[str]) -> int:

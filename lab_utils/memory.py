@@ -54,15 +54,66 @@ ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation, as a share of activat
 
 @dataclass(frozen=True)
 class ModelShape:
-    """Return type of model_shape(): the dimensions the estimate uses, and which were derived."""
+    """A decoder's dimensions as its config.json gives them (or model_shape() derives them), and which were derived."""
 
     hidden_size: int
     num_layers: int
     vocab_size: int
-    intermediate_size: int
-    kv_size: int  # width of k_proj/v_proj outputs
+    intermediate_size: int  # MLP width
+    kv_size: int  # width of k_proj/v_proj outputs: num_key_value_heads * head_dim
     tied_embeddings: bool
-    derived: tuple[str, ...]
+    derived: tuple[str, ...] = ()
+    q_size: int = 0  # width of q_proj's output (num_attention_heads * head_dim); 0 means hidden_size
+    attention_bias: bool = False
+    mlp_bias: bool = False
+
+    def projections(self) -> dict[str, tuple[int, int]]:
+        """Return (in, out) features of each linear layer of one decoder layer, by its Llama module name."""
+        h, q, kv, i = self.hidden_size, self.q_size or self.hidden_size, self.kv_size, self.intermediate_size
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
+
+    def params(self) -> int:
+        """Return the parameter count: layers of projections (+ biases) and two RMSNorms, a final norm, embeddings."""
+        proj = self.projections()
+        per_layer = sum(a * b for a, b in proj.values()) + 2 * self.hidden_size
+        if self.attention_bias:
+            per_layer += sum(proj[k][1] for k in ("q_proj", "k_proj", "v_proj", "o_proj"))
+        if self.mlp_bias:
+            per_layer += sum(proj[k][1] for k in ("gate_proj", "up_proj", "down_proj"))
+        embeddings = self.vocab_size * self.hidden_size * (1 if self.tied_embeddings else 2)
+        return self.num_layers * per_layer + self.hidden_size + embeddings
+
+    def lora_params(self, r: int, targets: tuple[str, ...] = LORA_TARGETS) -> int:
+        """Return LoRA's trainable parameters at rank r on `targets` of every layer: r * (in + out) each."""
+        proj = self.projections()
+        return self.num_layers * sum(r * (proj[t][0] + proj[t][1]) for t in targets if t in proj)
+
+
+def shape_from_config(config: Any) -> ModelShape:
+    """Return the ModelShape a transformers config describes (a multimodal config's text_config is used)."""
+    cfg = getattr(config, "text_config", None) or config
+    h, heads = int(cfg.hidden_size), int(cfg.num_attention_heads)
+    head_dim = int(getattr(cfg, "head_dim", None) or h // heads)
+    kv_heads = int(getattr(cfg, "num_key_value_heads", None) or heads)
+    return ModelShape(
+        hidden_size=h,
+        num_layers=int(cfg.num_hidden_layers),
+        vocab_size=int(cfg.vocab_size),
+        intermediate_size=int(getattr(cfg, "intermediate_size", None) or 4 * h),
+        kv_size=kv_heads * head_dim,
+        tied_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+        q_size=heads * head_dim,
+        attention_bias=bool(getattr(cfg, "attention_bias", False)),
+        mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
+    )
 
 
 def _llama_params(hidden: int, layers: int, vocab_rows: int) -> float:
@@ -227,7 +278,7 @@ def estimate_memory(
     linear_bytes = NF4_BYTES_PER_PARAM if load_in_4bit else dtype_bytes
     weights = linear_params * linear_bytes + embed_params * dtype_bytes
 
-    lora_params = lora_r * n_layers * (9 * h + 2 * kv + 3 * inter)
+    lora_params = shape.lora_params(lora_r)
     lora = lora_params * LORA_BYTES
     grads = lora_params * GRAD_BYTES
     opt = lora_params * _optimizer_bytes(optim)
