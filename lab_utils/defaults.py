@@ -188,7 +188,8 @@ FLASH_ATTENTION_VARIANTS = frozenset(
 )
 # Keys choose() returns that are not SFTConfig fields; sft_kwargs() drops them.
 NON_SFT_KEYS = ("attn_implementation", "estimated_peak_gib", "estimate", "reasons", "warnings")
-_DECIDED = (
+# The train: settings chosen from the hardware unless the config sets them: the one list (training reads it too).
+HARDWARE_KEYS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "gradient_checkpointing",
@@ -365,8 +366,8 @@ def choose(
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if key in user and not (_is_int(user[key]) and user[key] >= 1):
             raise ValueError(f"{key} must be a whole number >= 1: got {user[key]!r}; fix: e.g. {key}: 2")
-    overridden = {k: user[k] for k in _DECIDED if k in user and user[k] != settings.get(k)}
-    settings.update({k: user[k] for k in _DECIDED if k in user})
+    overridden = {k: user[k] for k in HARDWARE_KEYS if k in user and user[k] != settings.get(k)}
+    settings.update({k: user[k] for k in HARDWARE_KEYS if k in user})
     if not settings["packing"] and settings["padding_free"] and "padding_free" not in user:
         settings["padding_free"] = False  # chosen only as part of packing, which the user turned off
         if "train_sampling_strategy" not in user:
@@ -522,7 +523,7 @@ def choose(
             )
         )
 
-    ordered = {k: settings[k] for k in _DECIDED if k in settings}
+    ordered = {k: settings[k] for k in HARDWARE_KEYS if k in settings}
     ordered["attn_implementation"] = attn
     ordered["estimated_peak_gib"] = round(final.total_gib, 2)
     ordered["estimate"] = _rounded(asdict(final))

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from lab_utils.defaults import (
+    HARDWARE_KEYS,
     PROFILES,
     Hardware,
     backoff,
@@ -31,17 +32,7 @@ from lab_utils.defaults import (
 LLAMA_1B = {"model_params": 1.24e9, "max_length": 2048}  # Llama-3.2-1B, the lab's model
 COLAB_CPU = Hardware("cpu", "cpu", 12.7, None, False)  # Colab's CPU runtime
 BASE = dict(model_params=1.24e9, lora_r=32, max_length=2048, micro_batch=2, gradient_checkpointing=True)
-SFT_FIELDS = {
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "gradient_checkpointing",
-    "fp16",
-    "bf16",
-    "optim",
-    "padding_free",
-    "packing",
-    "train_sampling_strategy",
-}
+SFT_FIELDS = set(HARDWARE_KEYS) - {"packing_strategy"}  # packing_strategy is set only with packing
 
 
 def is_power_of_two(n: int) -> bool:
