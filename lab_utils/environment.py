@@ -217,7 +217,7 @@ def check_hub_repo(repo_id: str, *, key: str, repo_type: str = "model", revision
     Call it only for ids that are not cached locally; with HF_HUB_OFFLINE set it does nothing.
     """
     what = "model" if repo_type == "model" else "dataset"
-    if hub_offline():
+    if hub_offline(datasets=repo_type == "dataset"):
         return
     if not hub_reachable():
         raise LabError(
@@ -249,9 +249,14 @@ def check_hub_repo(repo_id: str, *, key: str, repo_type: str = "model", revision
         return  # the Hub answered oddly: loading it reports that, with the library's own words
 
 
-def hub_offline() -> bool:
-    """Return True when HF_HUB_OFFLINE asks the Hugging Face libraries not to use the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def hub_offline(datasets: bool = False) -> bool:
+    """Return True when HF_HUB_OFFLINE (or, for datasets, HF_DATASETS_OFFLINE) asks not to use the network.
+
+    The one reading of the flag. Read at each call, not huggingface_hub.constants.HF_HUB_OFFLINE (fixed when
+    huggingface_hub is first imported), so a flag set later in the session counts; parsed as huggingface_hub does.
+    """
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
+    return any(os.environ.get(n, "").strip().upper() in ("1", "ON", "YES", "TRUE") for n in names)
 
 
 def on_drive(path: Path) -> bool:

@@ -33,7 +33,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_ENV = "QLORA_LAB_LLAMA_CPP_SDIST"  # optional: path to an already-downloaded sdist (offline use)
 from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
-from .environment import get_secret, hub_reachable, pid_alive  # noqa: E402
+from .environment import get_secret, hub_offline, hub_reachable, pid_alive  # noqa: E402
 from .errors import LabError  # noqa: E402
 
 # Files of vendor/llama.cpp/ that convert_hf_to_gguf.py needs: the script, its `conversion`
@@ -692,11 +692,6 @@ def write_model_card(
 # push
 
 
-def _truthy(v: str | None) -> bool:
-    """Return True for '1', 'true', 'yes', 'on' (any case)."""
-    return (v or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _get_token(token: str | None) -> str | None:
     """Return the HF token: the argument, else $HF_TOKEN, else Colab's secret 'HF_TOKEN' (never printed)."""
     if token:
@@ -744,7 +739,7 @@ def push_to_hub(
     if dry_run is None:
         if not tok:
             dry_run, reason = True, "no HF token (set HF_TOKEN in Colab secrets)"
-        elif _truthy(os.environ.get("HF_HUB_OFFLINE")):
+        elif hub_offline():
             dry_run, reason = True, "HF_HUB_OFFLINE is set"
         elif not hub_reachable():
             dry_run, reason = True, "the Hub is unreachable"
