@@ -13,13 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from lab_utils.__main__ import defaults_cli as cli
 from lab_utils.defaults import (
     HARDWARE_KEYS,
     PROFILES,
     Hardware,
     backoff,
     choose,
-    cli,
     detect_hardware,
     estimate_memory,
     hardware_from_name,
