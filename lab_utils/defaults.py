@@ -55,7 +55,7 @@ Rules (each one also appears in the result's `reasons`):
 from __future__ import annotations
 
 import re
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from .hardware import GIB, KNOWN_GPU_NAMES, Hardware, detect_hardware, hardware_from_name  # noqa: F401 (re-exported)
@@ -236,6 +236,62 @@ def _row_tokens(settings: dict, max_length: int, length_stats: dict | None, micr
     return micro * longest, f"{micro} rows padded to the longest, {longest} ({src})"
 
 
+@dataclass
+class _Choice:
+    """choose()'s working state: the machine and its budget, the settings so far, and a line for each decision."""
+
+    hardware: Hardware
+    max_length: int
+    length_stats: dict | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)  # estimate_memory() inputs that do not vary with the batch
+
+    @property
+    def cuda(self) -> bool:
+        """Return True on a CUDA GPU."""
+        return self.hardware.kind == "cuda"
+
+    @property
+    def budget(self) -> float:
+        """Return the GiB the plan may use: BUDGET_FRACTION of the device's memory."""
+        return BUDGET_FRACTION * self.hardware.memory_gib
+
+    @property
+    def cap_text(self) -> str:
+        """Return "capability 7.5" on a GPU, else the device kind."""
+        cap = self.hardware.capability
+        return f"capability {cap[0]}.{cap[1]}" if cap else self.hardware.kind
+
+    @property
+    def flash_capable(self) -> bool:
+        """Return True on a GPU that runs flash-attention kernels (capability >= 8.0)."""
+        cap = self.hardware.capability
+        return self.cuda and cap is not None and cap >= (8, 0)
+
+    def estimate(self, micro: int, gc: bool) -> MemoryEstimate:
+        """Return the memory estimate of these settings at micro-batch `micro`, checkpointing `gc`."""
+        tokens, _ = _row_tokens(self.settings, self.max_length, self.length_stats, micro)
+        return estimate_memory(
+            **self.model,
+            max_length=self.max_length,
+            micro_batch=micro,
+            gradient_checkpointing=gc,
+            optim=str(self.settings["optim"]),
+            tokens_per_batch=tokens,
+        )
+
+    def largest_fitting(self, cap: int, gc: bool) -> int | None:
+        """Return the largest power-of-two micro-batch <= cap that fits the budget, or None."""
+        micro = cap
+        while micro >= 1:
+            if self.estimate(micro, gc).total_gib <= self.budget:
+                return micro
+            micro //= 2
+        return None
+
+
 def choose(
     hardware: Hardware,
     *,
@@ -267,6 +323,47 @@ def choose(
     row) replaces max_length with the real longest row. `attn_implementation` is what the model will
     be loaded with, if already decided; a non-flash one rules out packing.
     """
+    _check_choose_inputs(model_params, max_length, lora_r, target_effective_batch, length_stats)
+    c = _Choice(hardware, max_length, length_stats)
+    user = _renamed_user_keys(c, dict(user or {}))
+    c.reasons.append(
+        f"hardware: {hardware.name}, {hardware.memory_gib:.1f} GiB, {c.cap_text} "
+        f"-> plan to {BUDGET_FRACTION:.0%} = {c.budget:.1f} GiB"
+    )
+    _precision(c)
+    attn = _padding(c, attn_implementation)
+    _user_settings_win(c, user)
+    loss_type = user.get("loss_type", "nll")
+    c.model = dict(
+        model_params=model_params,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vocab_size=vocab_size,
+        lora_r=lora_r,
+        load_in_4bit=load_in_4bit,
+        loss_type=loss_type,
+        lora_dropout=lora_dropout,
+        dtype_bytes=2 if c.cuda else 4,
+        device_kind="cuda" if c.cuda else "cpu",
+    )
+    cap = min(target_effective_batch, CPU_MAX_MICRO_BATCH) if hardware.kind == "cpu" else target_effective_batch
+    micro, accum, gc = _batch_geometry(c, user, cap, target_effective_batch)
+    final = c.estimate(micro, gc)
+    _explain_estimate(c, final, micro, model_params, loss_type)
+    _warnings(c, user, final, micro * accum, cap, attn)
+    result = {k: c.settings[k] for k in HARDWARE_KEYS if k in c.settings}
+    result["attn_implementation"] = attn
+    result["estimated_peak_gib"] = round(final.total_gib, 2)
+    result["estimate"] = _rounded(asdict(final))
+    result["reasons"] = c.reasons
+    result["warnings"] = c.warnings
+    return result
+
+
+def _check_choose_inputs(
+    model_params: float, max_length: int, lora_r: int, target_effective_batch: int, length_stats: dict | None
+) -> None:
+    """Raise ValueError naming the first input choose() cannot plan with."""
     _check_positive(model_params=model_params, max_length=max_length, lora_r=lora_r)
     if not _is_power_of_two(target_effective_batch):
         raise ValueError(
@@ -279,40 +376,34 @@ def choose(
                 f"length_stats[{key!r}] must be a positive token count: got {value!r}; "
                 "fix: pass e.g. {'p50': 310, 'p95': 900, 'max': 2048}"
             )
-    user = dict(user or {})
-    warnings: list[str] = []
-    reasons: list[str] = []
+
+
+def _renamed_user_keys(c: _Choice, user: dict) -> dict:
+    """Return user with transformers 4's group_by_length turned into train_sampling_strategy (and a warning)."""
     if "group_by_length" in user:
         wanted = user.pop("group_by_length")
         user.setdefault("train_sampling_strategy", "group_by_length" if wanted else "random")
-        warnings.append(
+        c.warnings.append(
             f"group_by_length={wanted!r} is not a field in transformers 5 (SFTConfig raises TypeError); "
             f"fix: train_sampling_strategy: {user['train_sampling_strategy']} (used here)"
         )
+    return user
 
-    cuda = hardware.kind == "cuda"
-    cap = hardware.capability
-    cap_text = f"capability {cap[0]}.{cap[1]}" if cap else hardware.kind
-    budget = BUDGET_FRACTION * hardware.memory_gib
-    dtype_bytes = 2 if cuda else 4
-    reasons.append(
-        f"hardware: {hardware.name}, {hardware.memory_gib:.1f} GiB, {cap_text} "
-        f"-> plan to {BUDGET_FRACTION:.0%} = {budget:.1f} GiB"
-    )
 
-    # Precision and optimizer.
-    settings: dict[str, Any] = {}
-    settings["fp16"] = cuda and not hardware.bf16
-    settings["bf16"] = cuda and hardware.bf16
+def _precision(c: _Choice) -> None:
+    """Step 1: fp16/bf16 from the compute capability, and the optimizer the device can run."""
+    hw, cuda = c.hardware, c.cuda
+    c.settings["fp16"] = cuda and not hw.bf16
+    c.settings["bf16"] = cuda and hw.bf16
     if not cuda:
-        reasons.append(f"bf16: False, fp16: False ({hardware.name}: no CUDA mixed precision) -> fp32")
-    elif hardware.bf16:
-        reasons.append(f"bf16: True ({hardware.name}, {cap_text} has bf16) -> bf16, no loss scaling")
+        c.reasons.append(f"bf16: False, fp16: False ({hw.name}: no CUDA mixed precision) -> fp32")
+    elif hw.bf16:
+        c.reasons.append(f"bf16: True ({hw.name}, {c.cap_text} has bf16) -> bf16, no loss scaling")
     else:
-        reasons.append(f"bf16: False ({hardware.name}, {cap_text} has no bf16) -> fp16")
-    settings["optim"] = "paged_adamw_8bit" if cuda else "adamw_torch"
-    reasons.append(
-        f"optim: {settings['optim']} "
+        c.reasons.append(f"bf16: False ({hw.name}, {c.cap_text} has no bf16) -> fp16")
+    c.settings["optim"] = "paged_adamw_8bit" if cuda else "adamw_torch"
+    c.reasons.append(
+        f"optim: {c.settings['optim']} "
         + (
             "(8-bit Adam states, paged to CPU RAM during spikes)"
             if cuda
@@ -320,49 +411,54 @@ def choose(
         )
     )
 
-    # Padding avoidance.
-    flash_capable = cuda and cap is not None and cap >= (8, 0)
-    attn_ok = attn_implementation is None or _uses_flash(attn_implementation)
-    if flash_capable and attn_ok:
-        settings.update(
+
+def _padding(c: _Choice, attn_implementation: str | None) -> str:
+    """Step 2: packing with flash-attention where the GPU has it, else length grouping; return the attention."""
+    max_length, length_stats = c.max_length, c.length_stats
+    if c.flash_capable and (attn_implementation is None or _uses_flash(attn_implementation)):
+        c.settings.update(
             padding_free=True, packing=True, packing_strategy="bfd", train_sampling_strategy="random"
         )
         attn = attn_implementation or "flash_attention_2"
         per_row = ""
         if length_stats and length_stats.get("p50"):
             per_row = f", ~{max(1, max_length // int(length_stats['p50']))} median rows per packed row"
-        reasons.append(
-            f"padding: packing=True, packing_strategy=bfd, padding_free=True ({cap_text} runs flash-attention; "
+        c.reasons.append(
+            f"padding: packing=True, packing_strategy=bfd, padding_free=True ({c.cap_text} runs flash-attention; "
             f"load the model with attn_implementation='{attn}') -> no padding and no cross-row attention; "
             f"the effective batch counts packed rows of <= {max_length} tokens, not examples{per_row}"
         )
     else:
-        settings.update(padding_free=False, packing=False, train_sampling_strategy="group_by_length")
+        c.settings.update(padding_free=False, packing=False, train_sampling_strategy="group_by_length")
         attn = attn_implementation or "sdpa"
         why = (
             f"attn_implementation={attn_implementation!r} is not flash-attention"
-            if flash_capable
-            else f"{cap_text}: no flash-attention kernels"
-            if cuda
-            else f"{hardware.name}: no flash-attention"
+            if c.flash_capable
+            else f"{c.cap_text}: no flash-attention kernels"
+            if c.cuda
+            else f"{c.hardware.name}: no flash-attention"
         )
-        reasons.append(
+        c.reasons.append(
             f"padding: train_sampling_strategy=group_by_length ({why}; padding-free would need a dense "
             "(micro x len)^2 mask) -> rows of similar length share a micro-batch, padded only to the "
             "longest of them; correct with any attention; the longest batch runs first"
         )
     if length_stats and length_stats.get("p50"):
         waste = 1 - min(int(length_stats["p50"]), max_length) / max_length
-        reasons.append(
+        c.reasons.append(
             f"rows: p50 {length_stats.get('p50')}, p95 {length_stats.get('p95', '?')}, max "
             f"{length_stats.get('max', '?')} tokens; padding every row to {max_length} would spend "
             f"~{waste:.0%} of compute on padding"
         )
+    return attn
 
-    # Explicit user settings win from here on.
+
+def _user_settings_win(c: _Choice, user: dict) -> None:
+    """Step 3: the user's explicit hardware keys replace the chosen ones (packing off takes padding_free with it)."""
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if key in user and not (_is_int(user[key]) and user[key] >= 1):
             raise ValueError(f"{key} must be a whole number >= 1: got {user[key]!r}; fix: e.g. {key}: 2")
+    settings = c.settings
     overridden = {k: user[k] for k in HARDWARE_KEYS if k in user and user[k] != settings.get(k)}
     settings.update({k: user[k] for k in HARDWARE_KEYS if k in user})
     if not settings["packing"] and settings["padding_free"] and "padding_free" not in user:
@@ -370,54 +466,24 @@ def choose(
         if "train_sampling_strategy" not in user:
             settings["train_sampling_strategy"] = "group_by_length"
     if overridden:
-        reasons.append("your settings win: " + ", ".join(f"{k}={v!r}" for k, v in overridden.items()))
-    loss_type = user.get("loss_type", "nll")
-    optim = str(settings["optim"])
+        c.reasons.append("your settings win: " + ", ".join(f"{k}={v!r}" for k, v in overridden.items()))
 
-    def estimate(micro: int, gc: bool) -> MemoryEstimate:
-        tokens, _ = _row_tokens(settings, max_length, length_stats, micro)
-        return estimate_memory(
-            model_params=model_params,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            vocab_size=vocab_size,
-            lora_r=lora_r,
-            max_length=max_length,
-            micro_batch=micro,
-            gradient_checkpointing=gc,
-            load_in_4bit=load_in_4bit,
-            optim=optim,
-            tokens_per_batch=tokens,
-            loss_type=loss_type,
-            lora_dropout=lora_dropout,
-            dtype_bytes=dtype_bytes,
-            device_kind="cuda" if cuda else "cpu",
-        )
 
-    cap = (
-        min(target_effective_batch, CPU_MAX_MICRO_BATCH) if hardware.kind == "cpu" else target_effective_batch
-    )
-
-    def largest_fitting(gc: bool) -> int | None:
-        micro = cap
-        while micro >= 1:
-            if estimate(micro, gc).total_gib <= budget:
-                return micro
-            micro //= 2
-        return None
-
-    # Micro-batch, then checkpointing, then accumulation.
+def _batch_geometry(c: _Choice, user: dict, cap: int, target: int) -> tuple[int, int, bool]:
+    """Step 4: return (micro-batch, accumulation, checkpointing): the largest micro-batch that fits, then the rest."""
+    settings, budget = c.settings, c.budget
     user_micro = "per_device_train_batch_size" in user
     user_gc = "gradient_checkpointing" in user
     plan_gc = bool(settings["gradient_checkpointing"]) if user_gc else True
     if user_micro:
         micro = int(settings["per_device_train_batch_size"])
+        why_micro = "your setting"
     else:
-        micro = largest_fitting(plan_gc) or 1
-        if micro == cap < target_effective_batch:
+        micro = c.largest_fitting(cap, plan_gc) or 1
+        if micro == cap < target:
             why_micro = f"at most {cap} on a CPU: more rows per micro-batch add no speed there, only padding and memory"
-        elif micro < target_effective_batch:
-            over = estimate(micro * 2, plan_gc).total_gib
+        elif micro < target:
+            over = c.estimate(micro * 2, plan_gc).total_gib
             why_micro = (
                 f"largest power of two that fits: {micro * 2} would need ~{over:.1f} GiB > {budget:.1f} GiB"
             )
@@ -427,7 +493,7 @@ def choose(
         gc = bool(settings["gradient_checkpointing"])
         why_gc = "your setting"
     else:
-        without = estimate(micro, False).total_gib
+        without = c.estimate(micro, False).total_gib
         gc = without > budget
         why_gc = (
             f"micro-batch {micro} without it needs ~{without:.1f} GiB > {budget:.1f} GiB; costs ~30% more compute"
@@ -437,96 +503,95 @@ def choose(
     if "gradient_accumulation_steps" in user:
         accum = int(settings["gradient_accumulation_steps"])
     else:
-        accum = max(1, target_effective_batch // micro)
+        accum = max(1, target // micro)
     settings["per_device_train_batch_size"] = micro
     settings["gradient_accumulation_steps"] = accum
     settings["gradient_checkpointing"] = gc
-    reasons.append(
+    c.reasons.append(
         f"per_device_train_batch_size: {micro} x gradient_accumulation_steps {accum} = effective batch "
-        f"{micro * accum} ({'your setting' if user_micro else why_micro})"
+        f"{micro * accum} ({why_micro})"
     )
-    reasons.append(f"gradient_checkpointing: {gc} ({why_gc})")
+    c.reasons.append(f"gradient_checkpointing: {gc} ({why_gc})")
+    return micro, accum, gc
 
-    final = estimate(micro, gc)
-    tokens, how = _row_tokens(settings, max_length, length_stats, micro)
+
+def _explain_estimate(c: _Choice, final: MemoryEstimate, micro: int, model_params: float, loss_type: str) -> None:
+    """Step 5: reason lines for the model shape, tokens per micro-batch, the logits and the estimated peak."""
+    tokens, how = _row_tokens(c.settings, c.max_length, c.length_stats, micro)
     shape = final.assumptions["shape"]
     derived = (
         f" (derived from {model_params / 1e9:.3g}B params by the Llama rule)" if shape["derived"] else ""
     )
-    reasons.append(
+    c.reasons.append(
         f"model: hidden {shape['hidden_size']}, {shape['num_layers']} layers, vocab {shape['vocab_size']}{derived}"
     )
-    reasons.append(f"tokens per micro-batch at the peak: {tokens} ({how})")
+    c.reasons.append(f"tokens per micro-batch at the peak: {tokens} ({how})")
     if loss_type == "chunked_nll":
-        reasons.append("logits: loss_type=chunked_nll keeps 256 tokens' logits at a time")
+        c.reasons.append("logits: loss_type=chunked_nll keeps 256 tokens' logits at a time")
     else:
         chunked = estimate_memory(**{**_estimate_kwargs(final), "loss_type": "chunked_nll"})
-        reasons.append(
+        c.reasons.append(
             f"logits: planned for full fp32 logits (loss_type={loss_type}): {final.logits_gib:.1f} GiB of the peak; "
             f"TRL 1.14's default loss_type=chunked_nll would peak at ~{chunked.total_gib:.1f} GiB instead"
         )
-    reasons.append(f"estimated peak: {final.total_gib:.2f} GiB of {hardware.memory_gib:.2f} GiB")
+    c.reasons.append(f"estimated peak: {final.total_gib:.2f} GiB of {c.hardware.memory_gib:.2f} GiB")
 
-    # Warnings: explicit settings that will not fit or not work.
+
+def _warnings(c: _Choice, user: dict, final: MemoryEstimate, effective: int, cap: int, attn: str) -> None:
+    """Step 6: one warning per explicit setting that will not fit or not work, each with its fix."""
+    settings, hw, budget, cuda = c.settings, c.hardware, c.budget, c.cuda
+    optim = str(settings["optim"])
     if final.total_gib > budget:
-        if user_micro or user_gc:
-            fit_micro = largest_fitting(True)
-            if fit_micro is not None:
-                fix = (
-                    f"per_device_train_batch_size={fit_micro} with gradient_accumulation_steps="
-                    f"{max(1, (micro * accum) // fit_micro)} (same effective batch) and gradient_checkpointing=True, "
-                    "or drop these settings and let the profile choose"
-                )
-            else:
-                fix = _shorter_max_length_fix(estimate, max_length, budget)
-            what = ", ".join(
-                f"{k}={user[k]}"
-                for k in ("per_device_train_batch_size", "gradient_checkpointing")
-                if k in user
-            )
-        else:
-            fix = _shorter_max_length_fix(estimate, max_length, budget)
-            what = f"even micro-batch 1 with gradient checkpointing at max_length {max_length}"
-        warnings.append(
-            f"does not fit: {what} needs ~{final.total_gib:.1f} GiB, {hardware.name} has "
-            f"{hardware.memory_gib:.1f} GiB (plan {budget:.1f}); fix: {fix}"
-        )
-    if settings["bf16"] and not hardware.bf16:
-        warnings.append(
-            f"bf16=True but {hardware.name} ({cap_text}) has no bf16: it is emulated or refused; "
+        c.warnings.append(_does_not_fit(c, user, final, effective, cap))
+    if settings["bf16"] and not hw.bf16:
+        c.warnings.append(
+            f"bf16=True but {hw.name} ({c.cap_text}) has no bf16: it is emulated or refused; "
             f"fix: {'fp16: true, bf16: false' if cuda else 'bf16: false'}"
         )
     if settings["fp16"] and not cuda:
-        warnings.append(f"fp16=True on {hardware.name}: fp16 mixed precision needs CUDA; fix: fp16: false")
+        c.warnings.append(f"fp16=True on {hw.name}: fp16 mixed precision needs CUDA; fix: fp16: false")
     if settings["fp16"] and settings["bf16"]:
-        warnings.append("fp16=True and bf16=True: pick one; fix: keep bf16 where the GPU has it, else fp16")
+        c.warnings.append("fp16=True and bf16=True: pick one; fix: keep bf16 where the GPU has it, else fp16")
     if not cuda and "paged" in optim:
-        warnings.append(
-            f"optim={optim} on {hardware.name}: paged optimizers need CUDA; fix: optim: adamw_torch"
-        )
+        c.warnings.append(f"optim={optim} on {hw.name}: paged optimizers need CUDA; fix: optim: adamw_torch")
     if settings["padding_free"] and not settings["packing"]:
-        warnings.append(
+        c.warnings.append(
             "padding_free=True without packing: TRL 1.14 raises ValueError while max_length is set; "
             "fix: packing: true (packing_strategy: bfd), or max_length: null with rows truncated beforehand"
         )
     if (settings["padding_free"] or settings["packing"]) and not _uses_flash(attn):
-        warnings.append(
+        c.warnings.append(
             f"padding_free/packing with attn_implementation={attn!r}: correct in transformers 5.17 only through a "
             f"dense (micro x len)^2 mask, slow and memory-hungry; fix: "
             + (
                 "load the model with attn_implementation='flash_attention_2'"
-                if flash_capable
+                if c.flash_capable
                 else "train_sampling_strategy: group_by_length, padding_free: false, packing: false"
             )
         )
 
-    ordered = {k: settings[k] for k in HARDWARE_KEYS if k in settings}
-    ordered["attn_implementation"] = attn
-    ordered["estimated_peak_gib"] = round(final.total_gib, 2)
-    ordered["estimate"] = _rounded(asdict(final))
-    ordered["reasons"] = reasons
-    ordered["warnings"] = warnings
-    return ordered
+
+def _does_not_fit(c: _Choice, user: dict, final: MemoryEstimate, effective: int, cap: int) -> str:
+    """Return the warning for a plan over budget: what does not fit, and the fix (a smaller geometry or max_length)."""
+    explicit = [k for k in ("per_device_train_batch_size", "gradient_checkpointing") if k in user]
+    fit_micro = c.largest_fitting(cap, True) if explicit else None
+    if fit_micro is not None:
+        fix = (
+            f"per_device_train_batch_size={fit_micro} with gradient_accumulation_steps="
+            f"{max(1, effective // fit_micro)} (same effective batch) and gradient_checkpointing=True, "
+            "or drop these settings and let the profile choose"
+        )
+    else:
+        fix = _shorter_max_length_fix(c.estimate, c.max_length, c.budget)
+    what = (
+        ", ".join(f"{k}={user[k]}" for k in explicit)
+        if explicit
+        else f"even micro-batch 1 with gradient checkpointing at max_length {c.max_length}"
+    )
+    return (
+        f"does not fit: {what} needs ~{final.total_gib:.1f} GiB, {c.hardware.name} has "
+        f"{c.hardware.memory_gib:.1f} GiB (plan {c.budget:.1f}); fix: {fix}"
+    )
 
 
 def _estimate_kwargs(est: MemoryEstimate) -> dict:
