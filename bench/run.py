@@ -468,7 +468,7 @@ def worker(
         result["cuda_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         result["cuda_after_load_gib"] = cuda_loaded
         result["device"] = torch.cuda.get_device_name(0)
-    out.write_text(json.dumps(result, indent=1))
+    _write(out, json.dumps(result, indent=1))
 
 
 @contextlib.contextmanager
@@ -886,10 +886,10 @@ def gpu_section(
 
 def _write(path: Path, text: str) -> None:
     """Write text to path atomically (a reader never sees half a file)."""
+    from lab_utils.files import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _pct(x) -> str:

@@ -32,6 +32,7 @@ from .checkpoints import (
 )
 from .defaults import HARDWARE_KEYS  # noqa: F401 (the one list lives in defaults; re-exported for old imports)
 from .errors import LabError, on_error_exit
+from .files import write_json
 
 __all__ = [
     "EXPLAIN",
@@ -510,13 +511,8 @@ def _train_locked(run, trainer, callback: CheckpointCallback, plan: ResumePlan, 
 
 
 def _write_log_history(run, trainer) -> None:
-    path = run.dir / "log_history.json"
-    tmp = tmp_path(path)
-    try:
-        tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the Trainer's loss history to run/log_history.json (atomically)."""
+    write_json(run.dir / "log_history.json", trainer.state.log_history, indent=1)
 
 
 def save_adapter(run, trainer, plan: ResumePlan | None = None) -> Path:
