@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .errors import LabError
+
 NOTEBOOKS = ("00_setup", "01_data", "02_train", "03_evaluate", "04_export")
 
 
@@ -152,8 +154,8 @@ def defaults_cli(argv: list[str] | None = None) -> int:
             target_effective_batch=args.effective_batch,
             user=dict(args.user),
         )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except LabError as exc:
+        print(f"✗ {exc}", file=sys.stderr)
         return 2
     print(json.dumps(settings, indent=2) if args.json else _format_settings(settings, hardware))
     return 0

@@ -58,6 +58,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import problem
 from .hardware import GIB, KNOWN_GPU_NAMES, Hardware, detect_hardware, hardware_from_name  # noqa: F401 (re-exported)
 from .memory import (  # noqa: F401 (re-exported: moved to memory.py)
     LORA_TARGETS,
@@ -363,18 +364,16 @@ def choose(
 def _check_choose_inputs(
     model_params: float, max_length: int, lora_r: int, target_effective_batch: int, length_stats: dict | None
 ) -> None:
-    """Raise ValueError naming the first input choose() cannot plan with."""
+    """Raise a LabError naming the first input choose() cannot plan with."""
     _check_positive(model_params=model_params, max_length=max_length, lora_r=lora_r)
     if not _is_power_of_two(target_effective_batch):
-        raise ValueError(
-            f"target_effective_batch must be a power of two: got {target_effective_batch!r}; "
-            "fix: use 8, 16 or 32"
-        )
+        raise problem("target_effective_batch must be a power of two", got=repr(target_effective_batch), fix="use 8, 16 or 32")
     for key, value in (length_stats or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(
-                f"length_stats[{key!r}] must be a positive token count: got {value!r}; "
-                "fix: pass e.g. {'p50': 310, 'p95': 900, 'max': 2048}"
+            raise problem(
+                f"length_stats[{key!r}] must be a positive token count",
+                got=repr(value),
+                fix="pass e.g. {'p50': 310, 'p95': 900, 'max': 2048}",
             )
 
 
@@ -457,7 +456,7 @@ def _user_settings_win(c: _Choice, user: dict) -> None:
     """Step 3: the user's explicit hardware keys replace the chosen ones (packing off takes padding_free with it)."""
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if key in user and not (_is_int(user[key]) and user[key] >= 1):
-            raise ValueError(f"{key} must be a whole number >= 1: got {user[key]!r}; fix: e.g. {key}: 2")
+            raise problem(f"train.{key} must be a whole number >= 1", got=repr(user[key]), fix=f"e.g. {key}: 2")
     settings = c.settings
     overridden = {k: user[k] for k in HARDWARE_KEYS if k in user and user[k] != settings.get(k)}
     settings.update({k: user[k] for k in HARDWARE_KEYS if k in user})

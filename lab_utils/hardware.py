@@ -10,6 +10,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from .errors import problem
+
 GIB = 2**30
 
 
@@ -92,9 +94,10 @@ def hardware_from_name(gpu: str) -> Hardware:
             return _GPUS[name]
     if key in ("t4", "l4"):
         return _GPUS[key.upper()]
-    raise ValueError(
-        f"unknown GPU name: got {gpu!r}; known: {', '.join(KNOWN_GPU_NAMES)} (case-insensitive, "
-        "'A100' means A100-40GB); fix: pass one of those, or detect_hardware() for this machine"
+    raise problem(
+        "unknown GPU name",
+        got=repr(gpu),
+        fix=f"use one of {', '.join(KNOWN_GPU_NAMES)} (any case; 'A100' means A100-40GB), or auto for this machine",
     )
 
 

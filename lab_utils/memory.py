@@ -10,6 +10,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from .errors import problem
 from .hardware import GIB
 
 LLAMA3_VOCAB = 128_256  # vocab assumed when none is given (Llama 3.x)
@@ -163,10 +164,10 @@ def model_shape(
         hidden, layers = int(hidden_size), int(num_layers)
     body = model_params - vocab_rows * hidden
     if body <= 0:
-        raise ValueError(
-            f"model_params smaller than the embeddings alone: got {model_params:.3g} params but vocab "
-            f"{vocab} x hidden {hidden} = {vocab_rows * hidden:.3g}; fix: check model_params, or pass "
-            "the model's hidden_size and vocab_size"
+        raise problem(
+            "model_params is smaller than the embeddings alone",
+            got=f"{model_params:.3g} params but vocab {vocab} x hidden {hidden} = {vocab_rows * hidden:.3g}",
+            fix="check model_params, or pass the model's hidden_size and vocab_size",
         )
     kv = max(1, hidden // 4)
     intermediate = max(hidden, round((body / layers - 2 * hidden * hidden - 2 * hidden * kv) / (3 * hidden)))
@@ -215,10 +216,10 @@ def _optimizer_bytes(optim: str) -> int:
 
 
 def _check_positive(**values: float) -> None:
-    """Raise ValueError naming the first value that is not a positive number."""
+    """Raise a LabError naming the first value that is not a positive number."""
     for name, value in values.items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number: got {value!r}; fix: pass e.g. {name}=1")
+            raise problem(f"{name} must be a positive number", got=repr(value), fix=f"pass e.g. {name}=1")
 
 
 def estimate_memory(
@@ -260,9 +261,7 @@ def estimate_memory(
     """
     _check_positive(model_params=model_params, lora_r=lora_r, max_length=max_length, micro_batch=micro_batch)
     if loss_type not in ("nll", "dft", "chunked_nll"):
-        raise ValueError(
-            f"loss_type not understood: got {loss_type!r}; fix: one of 'nll', 'dft', 'chunked_nll'"
-        )
+        raise problem("loss_type not understood", got=repr(loss_type), fix="one of 'nll', 'dft', 'chunked_nll'")
     shape = model_shape(model_params, hidden_size, num_layers, vocab_size)
     h, n_layers, vocab, inter, kv = (
         shape.hidden_size,
