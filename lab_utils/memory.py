@@ -6,8 +6,7 @@ overhead); `model_shape()` fills the dimensions it needs. No torch import.
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from .errors import problem
@@ -117,9 +116,9 @@ def shape_from_config(config: Any) -> ModelShape:
     )
 
 
-def _llama_params(hidden: int, layers: int, vocab_rows: int) -> float:
-    """Return the parameter count of a Llama-shaped model (kv = hidden/4, MLP = 4*hidden)."""
-    return layers * 14.5 * hidden * hidden + vocab_rows * hidden
+def _llama_shape(hidden: int, layers: int, vocab: int, tied: bool, intermediate: int | None = None) -> ModelShape:
+    """Return the Llama-rule ModelShape: k/v width hidden/4, MLP width 4*hidden unless given."""
+    return ModelShape(hidden, layers, vocab, 4 * hidden if intermediate is None else intermediate, max(1, hidden // 4), tied)
 
 
 def model_shape(
@@ -132,8 +131,8 @@ def model_shape(
 
     The rule (Llama 3.x): head_dim 128 so num_layers = hidden/128; grouped-query attention with
     k/v width hidden/4; MLP width 4*hidden. A layer then has 2.5h^2 attention + 12h^2 MLP = 14.5h^2
-    parameters, and hidden is the multiple of 128 whose total (plus vocab*hidden embeddings, twice if
-    untied) is closest to model_params. Vocab defaults to Llama 3's 128256; models under 4e9
+    parameters (counted by ModelShape.params(), the one formula), and hidden is the multiple of 128
+    whose total is closest to model_params. Vocab defaults to Llama 3's 128256; models under 4e9
     parameters are taken as tied. 1.24e9 gives Llama-3.2-1B exactly: hidden 2048, 16 layers. The MLP
     width is then solved from model_params, so the parts always add up to the given size.
     """
@@ -142,36 +141,34 @@ def model_shape(
     if vocab_size is None:
         derived.append("vocab_size")
     tied = model_params < TIED_BELOW_PARAMS
-    vocab_rows = vocab * (1 if tied else 2)
+
+    def off(hidden: int, layers: int) -> float:
+        return abs(_llama_shape(hidden, layers, vocab, tied).params() - model_params)
+
     if hidden_size is None and num_layers is None:
-        hidden = min(
-            range(128, 32768 + 1, 128),
-            key=lambda h: abs(_llama_params(h, h // 128, vocab_rows) - model_params),
-        )
+        hidden = min(range(128, 32768 + 1, 128), key=lambda h: off(h, h // 128))
         layers = hidden // 128
         derived += ["hidden_size", "num_layers"]
     elif hidden_size is None:
         layers = int(num_layers)  # type: ignore[arg-type]
-        a, b = 14.5 * layers, vocab_rows
-        root = (-b + math.sqrt(b * b + 4 * a * model_params)) / (2 * a)
-        hidden = max(64, int(round(root / 64)) * 64)
+        hidden = min(range(64, 32768 + 1, 64), key=lambda h: off(h, layers))
         derived.append("hidden_size")
     elif num_layers is None:
         hidden = int(hidden_size)
-        layers = max(1, round((model_params - vocab_rows * hidden) / (14.5 * hidden * hidden)))
+        layers = min(range(1, 1025), key=lambda n: off(hidden, n))
         derived.append("num_layers")
     else:
         hidden, layers = int(hidden_size), int(num_layers)
-    body = model_params - vocab_rows * hidden
-    if body <= 0:
+    without_mlp = _llama_shape(hidden, layers, vocab, tied, intermediate=0).params()
+    embeddings = _llama_shape(hidden, 0, vocab, tied).params()
+    if model_params <= embeddings:
         raise problem(
             "model_params is smaller than the embeddings alone",
-            got=f"{model_params:.3g} params but vocab {vocab} x hidden {hidden} = {vocab_rows * hidden:.3g}",
+            got=f"{model_params:.3g} params but vocab {vocab} x hidden {hidden} = {embeddings:.3g}",
             fix="check model_params, or pass the model's hidden_size and vocab_size",
         )
-    kv = max(1, hidden // 4)
-    intermediate = max(hidden, round((body / layers - 2 * hidden * hidden - 2 * hidden * kv) / (3 * hidden)))
-    return ModelShape(hidden, layers, vocab, intermediate, kv, tied, tuple(derived))
+    intermediate = max(hidden, round((model_params - without_mlp) / (3 * hidden * layers)))
+    return replace(_llama_shape(hidden, layers, vocab, tied, intermediate), derived=tuple(derived))
 
 
 @dataclass
