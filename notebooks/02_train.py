@@ -112,6 +112,10 @@ for reason in settings.reasons:
 # %%
 lab.show_table(lab.memory_table(settings), title="Estimated peak memory")
 
+# %% [markdown]
+# The trainer, and beside it the checkpoint callback: it saves every `checkpoint.save_every_minutes`
+# and marks each complete checkpoint with a manifest, which is what a re-run resumes from.
+
 # %%
 trainer, callback = lab.build_trainer(run, model, tokenizer, dataset, settings)
 plan = lab.plan_resume(run, trainer, callback, RESUME_FROM)
