@@ -219,6 +219,33 @@ def _check_positive(**values: float) -> None:
             raise problem(f"{name} must be a positive number", got=repr(value), fix=f"pass e.g. {name}=1")
 
 
+def _activation_bytes(
+    shape: ModelShape, tokens: int, gradient_checkpointing: bool, loss_type: str, lora_dropout: float, dtype_bytes: int
+) -> tuple[float, float]:
+    """Return (activation bytes at the peak, the loss logits' share of them) for `tokens` tokens per micro-batch."""
+    h, n_layers, vocab, inter, kv = (
+        shape.hidden_size,
+        shape.num_layers,
+        shape.vocab_size,
+        shape.intermediate_size,
+        shape.kv_size,
+    )
+    per_layer = dtype_bytes * (8 * h + 2 * kv + 4 * inter) + 8 * h  # saved for backward, per token
+    if lora_dropout > 0:  # each adapter keeps its own fp32 dropped copy of its input
+        per_layer += 4 * (6 * h + inter)
+    grad_buffers = dtype_bytes * (2 * inter + 2 * h)  # gradients in flight inside one layer, per token
+    final_hidden = 2 * dtype_bytes * h  # last hidden state and its gradient, per token
+    if loss_type == "chunked_nll":
+        logits = min(tokens, CHUNKED_NLL_TOKENS) * vocab * LOGITS_BYTES_PER_VOCAB_TOKEN
+    else:
+        logits = tokens * vocab * LOGITS_BYTES_PER_VOCAB_TOKEN
+    if gradient_checkpointing:
+        kept = tokens * (dtype_bytes * h * n_layers + final_hidden)
+        return kept + max(logits, tokens * (per_layer + grad_buffers)), logits
+    kept = tokens * (per_layer * n_layers + final_hidden)
+    return kept + logits + tokens * grad_buffers, logits
+
+
 def estimate_memory(
     *,
     model_params: float,
@@ -256,20 +283,14 @@ def estimate_memory(
     * overhead: CUDA context and workspaces (0.75 GiB; 1 GiB of process memory on CPU), a 16-bit
       dequantized copy of the largest 4-bit matrix for backward, and 10% allocator slack.
     """
+    inputs = dict(locals())  # the arguments, taken first: estimate_memory(**inputs) reproduces this estimate
     _check_positive(model_params=model_params, lora_r=lora_r, max_length=max_length, micro_batch=micro_batch)
     if loss_type not in ("nll", "dft", "chunked_nll"):
         raise problem("loss_type not understood", got=repr(loss_type), fix="one of 'nll', 'dft', 'chunked_nll'")
     shape = model_shape(model_params, hidden_size, num_layers, vocab_size)
-    h, n_layers, vocab, inter, kv = (
-        shape.hidden_size,
-        shape.num_layers,
-        shape.vocab_size,
-        shape.intermediate_size,
-        shape.kv_size,
-    )
     tokens = int(tokens_per_batch) if tokens_per_batch else micro_batch * max_length
 
-    embed_params = vocab * h * (1 if shape.tied_embeddings else 2)
+    embed_params = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)
     linear_params = max(model_params - embed_params, 0.0)
     linear_bytes = NF4_BYTES_PER_PARAM if load_in_4bit else dtype_bytes
     weights = linear_params * linear_bytes + embed_params * dtype_bytes
@@ -279,45 +300,14 @@ def estimate_memory(
     grads = lora_params * GRAD_BYTES
     opt = lora_params * _optimizer_bytes(optim)
 
-    per_layer = dtype_bytes * (8 * h + 2 * kv + 4 * inter) + 8 * h  # saved for backward, per token
-    if lora_dropout > 0:  # each adapter keeps its own fp32 dropped copy of its input
-        per_layer += 4 * (6 * h + inter)
-    grad_buffers = dtype_bytes * (2 * inter + 2 * h)  # gradients in flight inside one layer, per token
-    final_hidden = 2 * dtype_bytes * h  # last hidden state and its gradient, per token
-    if loss_type == "chunked_nll":
-        logits = min(tokens, CHUNKED_NLL_TOKENS) * vocab * LOGITS_BYTES_PER_VOCAB_TOKEN
-    else:
-        logits = tokens * vocab * LOGITS_BYTES_PER_VOCAB_TOKEN
-    if gradient_checkpointing:
-        kept = tokens * (dtype_bytes * h * n_layers + final_hidden)
-        activations = kept + max(logits, tokens * (per_layer + grad_buffers))
-    else:
-        kept = tokens * (per_layer * n_layers + final_hidden)
-        activations = kept + logits + tokens * grad_buffers
-
+    activations, logits = _activation_bytes(shape, tokens, gradient_checkpointing, loss_type, lora_dropout, dtype_bytes)
     base = CUDA_CONTEXT_GIB * GIB if device_kind == "cuda" else CPU_PROCESS_GIB * GIB
-    dequant = 2 * h * inter * dtype_bytes if load_in_4bit else 0
+    dequant = 2 * shape.hidden_size * shape.intermediate_size * dtype_bytes if load_in_4bit else 0
     overhead = base + dequant + ALLOCATOR_SLACK * activations
 
     parts = [x / GIB for x in (weights, lora, opt, grads, activations, overhead)]
     tied = "tied" if shape.tied_embeddings else "untied"
-    inputs = dict(
-        model_params=model_params,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        vocab_size=vocab_size,
-        lora_r=lora_r,
-        max_length=max_length,
-        micro_batch=micro_batch,
-        gradient_checkpointing=gradient_checkpointing,
-        load_in_4bit=load_in_4bit,
-        optim=optim,
-        tokens_per_batch=tokens_per_batch,
-        loss_type=loss_type,
-        lora_dropout=lora_dropout,
-        dtype_bytes=dtype_bytes,
-        device_kind=device_kind,
-    )
+    n_layers = shape.num_layers
     return MemoryEstimate(
         *parts,
         total_gib=sum(parts),
