@@ -166,31 +166,9 @@ def _first_line(e: BaseException, n: int = 160) -> str:
 
 def _check_hub(spec: str) -> None:
     """Raise a one-line LabError when the hub cannot be reached or has no such dataset (seconds, no retries)."""
-    if any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return  # offline mode: load_dataset looks in the local cache
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from .environment import check_hub_repo
 
-    try:
-        HfApi().dataset_info(spec, timeout=10)
-    except GatedRepoError:
-        raise LabError(
-            f"data.path {spec!r} is a gated hub dataset — accept its terms on huggingface.co and set HF_TOKEN"
-        ) from None
-    except RepositoryNotFoundError:
-        raise LabError(
-            f"data.path {spec!r} is neither a local file/folder nor a dataset on the hub — check the spelling "
-            "('org/name') or the path; a private dataset needs HF_TOKEN"
-        ) from None
-    except HfHubHTTPError as e:
-        raise LabError(
-            f"the hub refused data.path {spec!r} ({_first_line(e)}) — check HF_TOKEN and the id"
-        ) from None
-    except Exception as e:  # no network: httpx/OSError, whatever the transport raises
-        raise LabError(
-            f"data.path {spec!r} looks like a hub dataset id, but the hub cannot be reached ({_first_line(e, 80)}) — "
-            "check the connection, or download the data and set data.path to the file"
-        ) from None
+    check_hub_repo(spec, key="data.path", repo_type="dataset")  # the one Hub probe; offline mode skips it
 
 
 def _load_hub(spec: str, d: dict):

@@ -27,7 +27,6 @@ eval/metrics.json (contract):
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
@@ -609,11 +608,9 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _free_memory() -> None:
-    import torch
+    from .hardware import free_memory
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def _scores(loss: dict, preds: list[str], refs: list[str], kind: str, pattern: str | None, metric) -> dict:

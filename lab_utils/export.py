@@ -33,7 +33,7 @@ LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_ENV = "QLORA_LAB_LLAMA_CPP_SDIST"  # optional: path to an already-downloaded sdist (offline use)
 from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
-from .environment import get_secret, hub_reachable, pid_alive  # noqa: E402
+from .environment import get_secret, hub_offline, hub_reachable, pid_alive  # noqa: E402
 from .errors import LabError  # noqa: E402
 
 # Files of vendor/llama.cpp/ that convert_hf_to_gguf.py needs: the script, its `conversion`
@@ -160,20 +160,18 @@ def _device_and_dtype() -> tuple[str, Any]:
     """Return ('cuda', float16) when a GPU is there, else ('cpu', float32): the dtype used for checks."""
     import torch
 
-    if torch.cuda.is_available():
+    from .hardware import cuda_available
+
+    if cuda_available():
         return "cuda", torch.float16
     return "cpu", torch.float32
 
 
 def _release() -> None:
     """Give back the memory of models the caller has just deleted (GPU included)."""
-    import gc
+    from .hardware import free_memory
 
-    import torch
-
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def _random_ids(vocab_size: int, n_tokens: int, seed: int) -> Any:
@@ -553,17 +551,9 @@ def _count_params(model_path: str) -> int:
             return total
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(str(model_path))
-    cfg = getattr(cfg, "text_config", None) or cfg
-    h, inter = cfg.hidden_size, cfg.intermediate_size
-    n_layers, vocab = cfg.num_hidden_layers, cfg.vocab_size
-    n_heads = cfg.num_attention_heads
-    n_kv = getattr(cfg, "num_key_value_heads", None) or n_heads
-    head_dim = getattr(cfg, "head_dim", None) or h // n_heads
-    attn = h * n_heads * head_dim * 2 + h * n_kv * head_dim * 2
-    per_layer = attn + 3 * h * inter + 2 * h
-    embed = vocab * h * (1 if getattr(cfg, "tie_word_embeddings", False) else 2)
-    return int(n_layers * per_layer + embed + h)
+    from .memory import shape_from_config
+
+    return shape_from_config(AutoConfig.from_pretrained(str(model_path))).params()
 
 
 def estimate_export_bytes(model_path: str, outtypes: Sequence[str]) -> int:
@@ -702,11 +692,6 @@ def write_model_card(
 # push
 
 
-def _truthy(v: str | None) -> bool:
-    """Return True for '1', 'true', 'yes', 'on' (any case)."""
-    return (v or "").strip().lower() in ("1", "true", "yes", "on")
-
-
 def _get_token(token: str | None) -> str | None:
     """Return the HF token: the argument, else $HF_TOKEN, else Colab's secret 'HF_TOKEN' (never printed)."""
     if token:
@@ -754,7 +739,7 @@ def push_to_hub(
     if dry_run is None:
         if not tok:
             dry_run, reason = True, "no HF token (set HF_TOKEN in Colab secrets)"
-        elif _truthy(os.environ.get("HF_HUB_OFFLINE")):
+        elif hub_offline():
             dry_run, reason = True, "HF_HUB_OFFLINE is set"
         elif not hub_reachable():
             dry_run, reason = True, "the Hub is unreachable"

@@ -12,7 +12,6 @@ the work already done. A trial that fails (out of memory, any error) is recorded
 from __future__ import annotations
 
 import copy
-import gc
 import itertools
 import json
 import math
@@ -378,13 +377,13 @@ def _train_and_measure(trial: Trial, data, path: str) -> dict[str, Any]:
     model, tokenizer = load_for_training(
         trial.cfg,
         path,
-        gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
-        attn_implementation=settings.get("_attn_implementation"),
+        gradient_checkpointing=bool(settings.sft.get("gradient_checkpointing")),
+        attn_implementation=settings.attn_implementation,
     )
-    trainer = build_trainer(trial, model, tokenizer, data, settings)
-    plan = plan_resume(trial, trainer)
-    result = train(trial, trainer, plan)
-    save_adapter(trial, trainer)
+    trainer, callback = build_trainer(trial, model, tokenizer, data, settings)
+    plan = plan_resume(trial, trainer, callback)
+    result = train(trial, trainer, callback, plan, settings)
+    save_adapter(trial, trainer, plan)
     metrics = _measure(trial, model, tokenizer, data["validation"], path, data.get("train"))
     earlier = plan.step * (plan.seconds_per_step or 0.0)  # training done in sessions before this one
     return {
@@ -406,14 +405,9 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
+    from .hardware import free_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_memory()
 
 
 def _run_trial(trial: Trial, data, path: str) -> None:
