@@ -24,6 +24,7 @@ from pathlib import Path
 
 from .chat import chatml_template
 from .errors import LabError
+from .metrics import parse_price  # noqa: F401 — re-exported: the scorer moved to metrics.py
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -226,14 +227,6 @@ def tool_rows(n: int = TOOLS_ROWS, seed: int = DATA_SEED) -> list[dict]:
         seen.add(key)
         rows.append({"messages": messages, "tools": TOOLS})
     return rows
-
-
-def parse_price(text: str) -> float | None:
-    """Return the first dollar amount in `text` ("Price is $120" → 120.0), or None."""
-    import re
-
-    m = re.search(r"\$\s*([0-9][0-9,]*(?:\.[0-9]+)?)", text)
-    return float(m.group(1).replace(",", "")) if m else None
 
 
 def resolve_data(path: str) -> str:
