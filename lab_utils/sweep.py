@@ -24,9 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import metrics as mt  # one metric choice, scorer and direction, shared with 03_evaluate
 from .config import DEFAULTS, _nearest, dump_yaml, get, tmp_path, validate
 from .errors import LabError
-from .evaluation import lower_is_better  # one direction per metric, shared with 03_evaluate
+from .metrics import lower_is_better  # noqa: F401 — sweep.lower_is_better is read by older callers
 from .run import Run
 
 __all__ = [
@@ -331,22 +332,22 @@ def _measure(trial: Trial, model, tokenizer, val, path: str, train=None) -> dict
     model.eval()
     loss = ev.assistant_loss(model, val, pad_id=tokenizer.pad_token_id)
     prompts, refs = zip(*[ev.prompt_and_reference(m) for m in val["messages"]], strict=True)
-    kind = ev.metric_kind(trial.cfg, list(refs))  # the same choice as 03_evaluate
+    kind = mt.metric_kind(trial.cfg, list(refs))  # the same choice as 03_evaluate
     preds = ev.generate(
         model, tokenizer, list(prompts), int(trial.cfg.get("eval", {}).get("max_new_tokens", 16))
     )
     metrics = {
         "eval_loss": loss,
         "perplexity": math.exp(min(loss, 50)),
-        **ev.task_metrics(preds, list(refs), kind, trial.cfg.get("eval", {}).get("metric_pattern")),
+        **mt.task_metrics(preds, list(refs), kind, trial.cfg.get("eval", {}).get("metric_pattern")),
     }
     pattern = trial.cfg.get("eval", {}).get("metric_pattern")
     seed = int(trial.cfg.get("data", {}).get("seed", 42))
-    guess = ev.baseline_scores(ev.train_references(train, seed), list(refs), kind, pattern, {"tuned": preds})
+    guess = mt.baseline_scores(ev.train_references(train, seed), list(refs), kind, pattern, {"tuned": preds})
     if guess is not None:
-        keys = ev.primary_keys([k for k in metrics if k not in ("eval_loss",)])
+        keys = mt.primary_keys([k for k in metrics if k not in ("eval_loss",)])
         metrics["baseline"] = {"answer": guess["answer"], **{k: guess[k] for k in keys if k in guess},
-                               "beats": {k: ev.beats_baseline(k, metrics[k], guess[k], guess["margin"]["tuned"][k])
+                               "beats": {k: mt.beats_baseline(k, metrics[k], guess[k], guess["margin"]["tuned"][k])
                                          for k in keys if k in guess}}
     out = trial.eval_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -501,7 +502,7 @@ def best_trial(sweep: Sweep) -> Trial | None:
     scored = [(s, t) for t in done if (s := _score(t, metric)) is not None]
     if not scored:
         return None
-    pick = min if lower_is_better(metric) else max
+    pick = min if mt.lower_is_better(metric) else max
     return pick(scored, key=lambda x: x[0])[1]
 
 
@@ -509,7 +510,7 @@ def sweep_table(sweep: Sweep) -> list[dict[str, Any]]:
     """Return one row per trial: settings, status, final train loss, validation loss, task metric, minutes, rank."""
     metric = sweep.spec["select_by"]
     scores = {t.name: s for t in sweep.trials if (s := _score(t, metric)) is not None}
-    order = sorted(scores, key=lambda n: scores[n], reverse=not lower_is_better(metric))
+    order = sorted(scores, key=lambda n: scores[n], reverse=not mt.lower_is_better(metric))
     task_keys: list[str] = []
     for t in sweep.trials:
         for k in t.state().get("metrics", {}):
