@@ -37,9 +37,9 @@ import os
 import re
 from typing import Any
 
-FORMATS = ("sharegpt", "messages", "alpaca", "prompt_completion", "text")
-# Targets a role may map to: `tool` is a tool's result, `function_call` a ShareGPT turn whose value is the call.
-ROLES = ("system", "user", "assistant", "tool", "function_call")
+from .choices import CHAT_FORMATS, REASONING, ROLES  # noqa: F401 — the allowed values live below config
+
+FORMATS = CHAT_FORMATS
 DEFAULT_ROLE_MAP: dict[str, str] = {
     "system": "system",
     "user": "user", "human": "user", "prompter": "user",
@@ -48,7 +48,6 @@ DEFAULT_ROLE_MAP: dict[str, str] = {
     "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
     "function_call": "function_call", "tool_call": "function_call",
 }  # fmt: skip
-REASONING = ("keep", "drop")  # data.reasoning: what happens to an assistant turn's thinking trace
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # where datasets keep the trace
 _THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)  # a trace written at the start of the content
 CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")

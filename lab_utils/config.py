@@ -22,13 +22,20 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .chat import FORMATS as CHAT_FORMATS
-from .chat import REASONING, ROLES
-from .defaults import PROFILES
-from .embedded import EMBEDDED_DATA, EMBEDDED_DATASETS, EMBEDDED_MODEL
+from .choices import (
+    CHAT_FORMATS,
+    CONVERTER_OUTTYPES,
+    EMBEDDED_DATA,
+    EMBEDDED_DATASETS,
+    EMBEDDED_MODEL,
+    EXPORT_PARTS,
+    PROFILE_NAMES,
+    REASONING,
+    ROLES,
+)
 from .errors import LabError
-from .export import CONVERTER_OUTTYPES, EXPORT_PARTS
 from .files import tmp_path  # noqa: F401 — re-exported: older imports say config.tmp_path
+from .metrics import METRICS as _METRIC_KINDS  # pure Python: the scorers, no stage
 
 __all__ = [
     "DEFAULTS",
@@ -106,15 +113,9 @@ _SECTIONS = [k for k in DEFAULTS if k not in _TOP_LEVEL]
 _RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" would let "name\n" through
 # Mappings that a layer replaces whole instead of merging key by key.
 _REPLACED = {"role_map", "space"}
-PROFILE_NAMES = ("auto", *PROFILES)
 FORMATS = ("auto", *CHAT_FORMATS)
 GGUF_TYPES = (*CONVERTER_OUTTYPES, "q4_k_m")  # what export_gguf writes (q4_k_m through llama-quantize)
-try:  # the metrics evaluation.py knows, when it names them
-    from .evaluation import METRICS as _EVAL_METRICS
-
-    METRICS = ("auto", *[m for m in _EVAL_METRICS if m != "auto"])
-except ImportError:
-    METRICS = ("auto", "price", "exact_match", "regex")
+METRICS = ("auto", *[m for m in _METRIC_KINDS if m != "auto"])
 
 # `train:` keys the lab sets itself from other settings; setting them here would clash.
 _RESERVED = {

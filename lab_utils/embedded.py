@@ -23,6 +23,7 @@ import shutil
 from pathlib import Path
 
 from .chat import chatml_template
+from .choices import EMBEDDED_DATA, EMBEDDED_DATASETS, EMBEDDED_MODEL, EMBEDDED_TOOLS  # noqa: F401 — names config checks
 from .errors import LabError
 from .metrics import parse_price  # noqa: F401 — re-exported: the scorer moved to metrics.py
 
@@ -38,11 +39,6 @@ __all__ = [
     "EMBEDDED_TOOLS",
     "parse_price",
 ]
-
-EMBEDDED_MODEL = "embedded:tiny-llama"
-EMBEDDED_DATA = "embedded:pricer"
-EMBEDDED_TOOLS = "embedded:tools"  # a small tool-calling task: pick the tool, fill its arguments
-EMBEDDED_DATASETS = (EMBEDDED_DATA, EMBEDDED_TOOLS)
 
 # The tiny model's shape: small enough to train on 2 CPU cores in minutes, Llama in every detail
 # that matters to the tooling (GQA, RoPE, SwiGLU MLP, untied head, SentencePiece vocab).

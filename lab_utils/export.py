@@ -32,6 +32,7 @@ from typing import Any
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}.tar.gz"
 SDIST_ENV = "QLORA_LAB_LLAMA_CPP_SDIST"  # optional: path to an already-downloaded sdist (offline use)
+from .choices import CONVERTER_OUTTYPES, EXPORT_PARTS  # noqa: E402 — the allowed values live below config
 from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
 from .environment import get_secret, hub_reachable, pid_alive  # noqa: E402
 from .errors import LabError  # noqa: E402
@@ -51,14 +52,12 @@ _CONVERTER_PARTS = (
     "requirements/requirements-convert_legacy_llama.txt",
 )
 
-CONVERTER_OUTTYPES = ("f16", "bf16", "f32", "q8_0")
 QUANTIZE_METHODS = ("q4_k_m", "q5_k_m", "q6_k", "q4_0", "q5_0", "q8_0")
 # bytes per parameter on disk (q4_k_m is ~4.9 bits per weight in practice)
 _BYTES_PER_PARAM = {
     "merged": 2.0, "f16": 2.0, "bf16": 2.0, "f32": 4.0, "q8_0": 34 / 32,
     "q6_k": 0.82, "q5_k_m": 0.71, "q5_0": 22 / 32, "q4_k_m": 0.61, "q4_0": 18 / 32,
 }
-EXPORT_PARTS = ("adapter", "merged", "gguf")
 
 
 # ----------------------------------------------------------------------------------------------
