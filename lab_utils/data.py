@@ -1041,11 +1041,10 @@ def load_prepared(run, tokenizer=None):
     import datasets
 
     path = run.data_dir / "dataset"
-    report = run.data_dir / "data_report.json"
-    if not path.exists() or not report.exists():
+    if not path.exists() or not run.data_report_path.exists():
         raise LabError(f"no processed data in {run.display(run.data_dir)} — run 01_data first")
     if tokenizer is not None:
-        saved = json.loads(report.read_text()).get("fingerprint")
+        saved = run.data_report().get("fingerprint")
         if saved != data_fingerprint(run.cfg, tokenizer):
             raise LabError(
                 f"the processed data in {run.display(run.data_dir)} was made from other data settings, "
@@ -1068,10 +1067,7 @@ def load_prepared(run, tokenizer=None):
 
 def read_data_report(run) -> dict[str, Any]:
     """Return the run's data/data_report.json as a dict; LabError when 01_data has not written it."""
-    path = run.data_dir / "data_report.json"
-    if not path.exists():
-        raise LabError(f"no data report in {run.display(run.data_dir)} — run 01_data first")
-    return json.loads(path.read_text())
+    return run.data_report(required=True)
 
 
 def report_table(report: dict) -> list[dict[str, Any]]:

@@ -870,7 +870,7 @@ def _report_without_rows(report: dict[str, Any]) -> dict[str, Any]:
 
 def export_card(run: Any) -> Path:
     """Write export/README.md from the run's config, data report and eval metrics; return its path."""
-    report = run.data_dir / "data_report.json"
+    report = run.data_report()
     metrics = run.eval_dir / "metrics.json"
     card = write_model_card(
         run.export_dir,
@@ -878,7 +878,7 @@ def export_card(run: Any) -> Path:
         base_model=run.cfg["model"]["name"],
         config=run.cfg,
         metrics=json.loads(metrics.read_text()) if metrics.is_file() else None,
-        data_report=_report_without_rows(json.loads(report.read_text())) if report.is_file() else None,
+        data_report=_report_without_rows(report) if report is not None else None,
     )
     print(f"Saved model card → {run.display(card)}")
     return card

@@ -98,6 +98,25 @@ class Run:
     def config_path(self) -> Path:
         return self.dir / "config.yaml"
 
+    @property
+    def data_report_path(self) -> Path:
+        return self.data_dir / "data_report.json"
+
+    def data_report(self, required: bool = False) -> dict[str, Any] | None:
+        """Return 01_data's data/data_report.json as a dict: None when absent (LabError if required), LabError when damaged."""
+        path = self.data_report_path
+        if not path.is_file():
+            if required:
+                raise LabError(f"no data report in {self.display(self.data_dir)} — run 01_data first")
+            return None
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            report = None
+        if not isinstance(report, dict):
+            raise LabError(f"the data report {self.display(path)} is damaged — run 01_data again to make it anew")
+        return report
+
     def display(self, path: Path | None = None) -> str:
         """Return a short human path (MyDrive/... on Drive) for path or the run folder."""
         p = str(path or self.dir)

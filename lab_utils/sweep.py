@@ -191,10 +191,7 @@ def _trial_config(run: Run, spec: dict, settings: dict[str, Any]) -> dict[str, A
 
 
 def _fingerprint(run: Run) -> str | None:
-    report = run.data_dir / "data_report.json"
-    if not report.exists():
-        raise LabError(f"no processed data in {run.display(run.data_dir)} — run 01_data first")
-    return json.loads(report.read_text()).get("fingerprint")
+    return run.data_report(required=True).get("fingerprint")
 
 
 def _canonical(key: dict) -> str:
