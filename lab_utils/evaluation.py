@@ -31,14 +31,14 @@ import gc
 import hashlib
 import json
 import math
-import os
 import random
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import tmp_path
 from .errors import LabError
+from .files import write_json, write_text
 from .metrics import (  # noqa: F401 — re-exported: the metric choice, scorers and baseline moved to metrics.py
     METRICS,
     TIE_RELATIVE_FLOOR,
@@ -342,9 +342,7 @@ class _Parts:
             pass
         value = compute()
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(self.path(key))
-        tmp.write_text(json.dumps({"label": label, "value": value}))
-        os.replace(tmp, self.path(key))
+        write_json(self.path(key), {"label": label, "value": value})
         self.computed.append(label)
         return value
 
@@ -354,9 +352,7 @@ class _Parts:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, ensure_ascii=False)
 
 
 def _free_memory() -> None:
@@ -373,6 +369,154 @@ def _scores(loss: dict, preds: list[str], refs: list[str], kind: str, pattern: s
     if metric is not None:
         out.update({str(k): float(v) for k, v in metric(preds, refs).items()})
     return out
+
+
+@dataclass
+class _Sample:
+    """The seeded validation sample every model is scored on, and what decides its metric and cache keys."""
+
+    rows_idx: list[int]
+    prompts: list[list[dict]]
+    refs: list[str]
+    tools: list | None
+    rows: list[tuple[list[int], list[int]]]  # (input_ids, assistant_masks) per row
+    kind: str
+    pattern: str | None
+    max_new: int
+    seed: int
+    fp: str  # the validation fingerprint
+
+    def loss_key(self, h: str) -> str:
+        return f"loss-{h}-{self.fp}"
+
+    def gen_key(self, h: str) -> str:
+        return f"answers-{h}-{self.fp}-{self.max_new}"
+
+
+def _check_eval_settings(run) -> None:
+    """LabError for an unknown eval.metric, a bad metric_pattern or a missing adapter, before any loading."""
+    ev = run.cfg.get("eval", {})
+    metric_kind(run.cfg, [])  # an unknown eval.metric fails here, before any loading
+    if ev.get("metric") in ("regex", "number"):
+        _check_pattern(ev.get("metric_pattern"), ev["metric"])
+    if not (run.adapter_dir / "adapter_config.json").exists():
+        raise LabError(f"no adapter in {run.display(run.adapter_dir)} — run 02_train to the end first")
+
+
+def _sample(run, val, max_rows: int | None) -> _Sample:
+    """Return the seeded sample of the validation split, its metric kind and its generation length."""
+    cfg = run.cfg
+    ev = cfg.get("eval", {})
+    seed = int(cfg.get("data", {}).get("seed", 42))
+    max_new = int(ev.get("max_new_tokens", 16))
+    if len(val) == 0:
+        raise LabError("the validation split is empty — raise data.val_fraction and run 01_data again")
+    rows_idx = eval_sample(len(val), max_rows, seed)
+    ds = val.select(rows_idx)
+    prompts, refs = map(list, zip(*[prompt_and_reference(m) for m in ds["messages"]], strict=True))
+    kind = metric_kind(cfg, refs)
+    tools = [json.loads(t) if t else None for t in ds["tools"]] if "tools" in ds.column_names else None
+    rows = list(zip(ds["input_ids"], ds["assistant_masks"], strict=True))
+    if kind == "tool_call" and (need := max(_last_answer_tokens(m) for _, m in rows)) > max_new:
+        print(f"Tool calls need up to {need} new tokens: generating up to {need} (eval.max_new_tokens is {max_new})")
+        max_new = need
+    sample = f"{len(ds)} of {len(val)} validation rows" if len(ds) < len(val) else f"all {len(ds)} validation rows"
+    print(f"Evaluating on {sample} (seed {seed}); task metric: {kind}")
+    return _Sample(rows_idx, prompts, refs, tools, rows, kind, ev.get("metric_pattern"), max_new, seed,
+                   _validation_fingerprint(ds, cfg))
+
+
+class _Models:
+    """The one 4-bit base with the run's adapter, loaded on first use; each checkpoint's adapter goes beside it."""
+
+    def __init__(self, run, sample: _Sample, batch_size: int, max_batch_tokens: int):
+        self.run, self.s, self.batch_size, self.max_batch_tokens = run, sample, batch_size, max_batch_tokens
+        self.model = self.tok = None
+
+    def _loaded(self):
+        if self.model is None:
+            self.model, self.tok = load_tuned(self.run)
+        return self.model
+
+    def loss(self, label: str, adapter: str | None) -> dict:
+        """Return {'loss', 'tokens'} of adapter (None: the base alone) over the sample's assistant tokens."""
+        print(f"Measuring {label} …", flush=True)
+        m = self._loaded()
+        if adapter is None:
+            with m.disable_adapter():
+                total, count = _loss_sum(m, self.s.rows, self.tok.pad_token_id, self.batch_size, self.max_batch_tokens)
+        else:
+            m.set_adapter(adapter, inference_mode=True)
+            total, count = _loss_sum(m, self.s.rows, self.tok.pad_token_id, self.batch_size, self.max_batch_tokens)
+        return {"loss": total / max(count, 1), "tokens": count}
+
+    def answers(self, label: str, adapter: str | None) -> list[str]:
+        """Return adapter's greedy answers to the sample's prompts (None: the base alone)."""
+        s = self.s
+        print(f"Generating {label} ({len(s.prompts)} prompts, greedy, ≤ {s.max_new} new tokens) …", flush=True)
+        m = self._loaded()
+        if adapter is None:
+            with m.disable_adapter():
+                return generate(m, self.tok, s.prompts, s.max_new, self.batch_size, s.seed, s.tools)
+        m.set_adapter(adapter, inference_mode=True)
+        return generate(m, self.tok, s.prompts, s.max_new, self.batch_size, s.seed, s.tools)
+
+    def with_checkpoint(self, path: Path, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Return a computation running fn with the checkpoint's adapter loaded as name, then unloaded."""
+
+        def compute():
+            m = self._loaded()
+            m.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            try:
+                return fn()
+            finally:
+                m.set_adapter("default", inference_mode=True)
+                m.delete_adapter(name)
+
+        return compute
+
+    def close(self) -> None:
+        """Drop the model (its last reference) and give its (GPU) memory back before the chat loads one."""
+        if self.model is not None:
+            self.model = self.tok = None
+            _free_memory()
+
+
+def _say_reused(run, parts: _Parts, s: _Sample, tuned_hash: str, checkpoints: list) -> None:
+    """Print which finished parts a re-run reuses from eval/cache/."""
+    planned = [("base loss", s.loss_key("base")), ("tuned loss", s.loss_key(tuned_hash))]
+    planned += [(f"{p.name} loss", s.loss_key(h)) for _, p, h in checkpoints if h != tuned_hash]
+    planned += [("base answers", s.gen_key("base")), ("tuned answers", s.gen_key(tuned_hash))]
+    cached = [label for label, key in planned if parts.has(key)]
+    if cached:
+        print(f"Reusing {len(cached)} of {len(planned)} finished parts from {run.display(parts.folder)}: {', '.join(cached)}")
+
+
+def _checkpoint_curve(parts: _Parts, models: _Models, s: _Sample, checkpoints: list, tuned_hash: str,
+                      tuned_loss: dict) -> tuple[list[dict], dict[str, dict]]:
+    """Return (each checkpoint's loss, in step order; {adapter hash: loss})."""
+    losses = {tuned_hash: tuned_loss}
+    curve = []
+    for step, path, h in checkpoints:
+        if h == tuned_hash:
+            loss = tuned_loss  # the final adapter is this checkpoint's weights
+        else:
+            name, label = f"ckpt_{step}", f"{path.name} loss"
+            loss = parts.get(s.loss_key(h), label, models.with_checkpoint(path, name, lambda n=name, lb=label: models.loss(lb, n)))
+            losses[h] = loss
+        curve.append({"name": path.name, "step": step, "loss": loss["loss"], "same_as_final": h == tuned_hash})
+    return curve, losses
+
+
+def _generations(s: _Sample, preds: dict[str, list[str]]) -> list[str]:
+    """Return generations.jsonl's lines: each row's prompt, reference and every model's answer."""
+    lines = []
+    for k, (i, p, r) in enumerate(zip(s.rows_idx, s.prompts, s.refs, strict=True)):
+        row = {"row": i, "prompt": p[-1]["content"] if p else "", "reference": r, **{n: a[k] for n, a in preds.items()}}
+        if s.kind == "tool_call":  # a call is shown as the structured call it makes, text that calls nothing as is
+            row.update({c: _shown_call(row[c]) for c in ("reference", "base", "tuned", "best") if c in row})
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return lines
 
 
 def evaluate_run(
@@ -393,165 +537,50 @@ def evaluate_run(
     from .checkpoints import scan_checkpoints
     from .data import load_prepared
 
-    cfg = run.cfg
-    ev = cfg.get("eval", {})
-    pattern = ev.get("metric_pattern")
-    max_new = int(ev.get("max_new_tokens", 16))
-    seed = int(cfg.get("data", {}).get("seed", 42))
-    metric_kind(cfg, [])  # an unknown eval.metric fails here, before any loading
-    if ev.get("metric") in ("regex", "number"):
-        _check_pattern(pattern, ev["metric"])
-    if not (run.adapter_dir / "adapter_config.json").exists():
-        raise LabError(f"no adapter in {run.display(run.adapter_dir)} — run 02_train to the end first")
-
+    _check_eval_settings(run)
     prepared = load_prepared(run)
     val = prepared["validation"]
-    if len(val) == 0:
-        raise LabError("the validation split is empty — raise data.val_fraction and run 01_data again")
-    rows_idx = eval_sample(len(val), max_rows, seed)
-    ds = val.select(rows_idx)
-    fp = _validation_fingerprint(ds, cfg)
-    prompts, refs = map(list, zip(*[prompt_and_reference(m) for m in ds["messages"]], strict=True))
-    kind = metric_kind(cfg, refs)
-    tools = [json.loads(t) if t else None for t in ds["tools"]] if "tools" in ds.column_names else None
-    rows = list(zip(ds["input_ids"], ds["assistant_masks"], strict=True))
-    if kind == "tool_call" and (need := max(_last_answer_tokens(m) for _, m in rows)) > max_new:
-        print(f"Tool calls need up to {need} new tokens: generating up to {need} (eval.max_new_tokens is {max_new})")
-        max_new = need
-    sample = f"{len(ds)} of {len(val)} validation rows" if len(ds) < len(val) else f"all {len(ds)} validation rows"
-    print(f"Evaluating on {sample} (seed {seed}); task metric: {kind}")
-
+    s = _sample(run, val, max_rows)
     tuned_hash = adapter_hash(run.adapter_dir)
     checkpoints = [(step, p, adapter_hash(p)) for step, p in scan_checkpoints(run.checkpoints_dir)[0]]
     parts = _Parts(run.eval_dir / "cache")
+    _say_reused(run, parts, s, tuned_hash, checkpoints)
+    models = _Models(run, s, batch_size, max_batch_tokens)
 
-    def loss_key(h: str) -> str:
-        return f"loss-{h}-{fp}"
-
-    def gen_key(h: str) -> str:
-        return f"answers-{h}-{fp}-{max_new}"
-
-    planned = [("base loss", loss_key("base")), ("tuned loss", loss_key(tuned_hash))]
-    planned += [(f"{p.name} loss", loss_key(h)) for _, p, h in checkpoints if h != tuned_hash]
-    planned += [("base answers", gen_key("base")), ("tuned answers", gen_key(tuned_hash))]
-    cached = [label for label, key in planned if parts.has(key)]
-    if cached:
-        print(f"Reusing {len(cached)} of {len(planned)} finished parts from {run.display(parts.folder)}: {', '.join(cached)}")
-
-    loaded: dict[str, Any] = {}
-
-    def model():
-        if "model" not in loaded:
-            loaded["model"], loaded["tok"] = load_tuned(run)
-        return loaded["model"]
-
-    def pad_id() -> int:
-        model()
-        return loaded["tok"].pad_token_id
-
-    def measure_loss(label: str, adapter: str | None):
-        def compute():
-            print(f"Measuring {label} …", flush=True)
-            m = model()
-            if adapter is None:
-                with m.disable_adapter():
-                    total, count = _loss_sum(m, rows, pad_id(), batch_size, max_batch_tokens)
-            else:
-                m.set_adapter(adapter, inference_mode=True)
-                total, count = _loss_sum(m, rows, pad_id(), batch_size, max_batch_tokens)
-            return {"loss": total / max(count, 1), "tokens": count}
-
-        return compute
-
-    def answers(label: str, adapter: str | None):
-        def compute():
-            print(f"Generating {label} ({len(prompts)} prompts, greedy, ≤ {max_new} new tokens) …", flush=True)
-            m = model()
-            if adapter is None:
-                with m.disable_adapter():
-                    return generate(m, loaded["tok"], prompts, max_new, batch_size, seed, tools)
-            m.set_adapter(adapter, inference_mode=True)
-            return generate(m, loaded["tok"], prompts, max_new, batch_size, seed, tools)
-
-        return compute
-
-    def with_checkpoint(path: Path, name: str, fn):
-        """Run fn with the checkpoint's adapter loaded next to 'default' on the same base, then unload it."""
-
-        def compute():
-            m = model()
-            m.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            try:
-                return fn()
-            finally:
-                m.set_adapter("default", inference_mode=True)
-                m.delete_adapter(name)
-
-        return compute
-
-    base_loss = parts.get(loss_key("base"), "base loss", measure_loss("base loss", None))
-    tuned_loss = parts.get(loss_key(tuned_hash), "tuned loss", measure_loss("tuned loss", "default"))
-    losses = {tuned_hash: tuned_loss}
-    curve = []
-    for step, path, h in checkpoints:
-        if h == tuned_hash:
-            loss = tuned_loss  # the final adapter is this checkpoint's weights
-        else:
-            name = f"ckpt_{step}"
-            label = f"{path.name} loss"
-            loss = parts.get(loss_key(h), label, with_checkpoint(path, name, measure_loss(label, name)))
-            losses[h] = loss
-        curve.append({"name": path.name, "step": step, "loss": loss["loss"], "same_as_final": h == tuned_hash})
+    base_loss = parts.get(s.loss_key("base"), "base loss", lambda: models.loss("base loss", None))
+    tuned_loss = parts.get(s.loss_key(tuned_hash), "tuned loss", lambda: models.loss("tuned loss", "default"))
+    curve, losses = _checkpoint_curve(parts, models, s, checkpoints, tuned_hash, tuned_loss)
     best = min(curve, key=lambda c: (c["loss"], -c["step"])) if curve else None
-
-    base_preds = parts.get(gen_key("base"), "base answers", answers("base answers", None))
-    tuned_preds = parts.get(gen_key(tuned_hash), "tuned answers", answers("tuned answers", "default"))
-    results: dict[str, Any] = {
-        "base": _scores(base_loss, base_preds, refs, kind, pattern, metric),
-        "tuned": _scores(tuned_loss, tuned_preds, refs, kind, pattern, metric),
-    }
-    best_preds = None
+    preds = {"base": parts.get(s.gen_key("base"), "base answers", lambda: models.answers("base answers", None)),
+             "tuned": parts.get(s.gen_key(tuned_hash), "tuned answers", lambda: models.answers("tuned answers", "default"))}
+    results: dict[str, Any] = {name: _scores(loss, preds[name], s.refs, s.kind, s.pattern, metric)
+                               for name, loss in (("base", base_loss), ("tuned", tuned_loss))}
     if best and not best["same_as_final"]:
-        step, path, h = next(c for c in checkpoints if c[1].name == best["name"])
+        _, path, h = next(c for c in checkpoints if c[1].name == best["name"])
         label = f"{path.name} answers"
-        best_preds = parts.get(gen_key(h), label, with_checkpoint(path, "best", answers(label, "best")))
-        results["best"] = _scores(losses[h], best_preds, refs, kind, pattern, metric)
-    models = {"tuned": tuned_preds, **({"best": best_preds} if best_preds is not None else {})}
-    baseline = baseline_scores(train_references(prepared.get("train"), seed), refs, kind, pattern, models, metric)
+        preds["best"] = parts.get(s.gen_key(h), label, models.with_checkpoint(path, "best", lambda: models.answers(label, "best")))
+        results["best"] = _scores(losses[h], preds["best"], s.refs, s.kind, s.pattern, metric)
+    models.close()
+    train_refs = train_references(prepared.get("train"), s.seed)
+    baseline = baseline_scores(train_refs, s.refs, s.kind, s.pattern, {k: v for k, v in preds.items() if k != "base"}, metric)
     if baseline is not None:
         results["baseline"] = baseline
-    if loaded:
-        loaded.clear()  # the model's last reference: give its (GPU) memory back before the chat loads one
-        _free_memory()
-
     results.update(
         {
             "best_checkpoint": best["name"] if best else None,
             "checkpoints": [{k: c[k] for k in ("name", "step", "loss")} for c in curve],
-            "metric": kind,
-            "metric_pattern": pattern if kind in ("regex", "number") else None,
-            "rows": len(ds),
+            "metric": s.kind,
+            "metric_pattern": s.pattern if s.kind in ("regex", "number") else None,
+            "rows": len(s.rows),
             "tokens": tuned_loss["tokens"],
             "validation_rows": len(val),
-            "validation_fingerprint": fp,
+            "validation_fingerprint": s.fp,
             "tuned_adapter_hash": tuned_hash,
             "parts": {"reused": parts.reused, "computed": parts.computed},
         }
     )
-    with_best = best_preds is not None
-    lines = []
-    for k, (i, p, r) in enumerate(zip(rows_idx, prompts, refs, strict=True)):
-        row = {"row": i, "prompt": p[-1]["content"] if p else "", "reference": r,
-               "base": base_preds[k], "tuned": tuned_preds[k]}
-        if with_best:
-            row["best"] = best_preds[k]
-        if kind == "tool_call":  # a call is shown as the structured call it makes, text that calls nothing as is
-            row.update({c: _shown_call(row[c]) for c in ("reference", "base", "tuned", "best") if c in row})
-        lines.append(json.dumps(row, ensure_ascii=False))
     run.eval_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(run.eval_dir / "generations.jsonl")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, run.eval_dir / "generations.jsonl")
+    write_text(run.eval_dir / "generations.jsonl", "\n".join(_generations(s, preds)) + "\n")
     _write_json(run.eval_dir / "metrics.json", results)
     print(f"Saved metrics → {run.display(run.eval_dir / 'metrics.json')}")
     return results
