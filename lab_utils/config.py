@@ -34,7 +34,11 @@ from .choices import (
     ROLES,
 )
 from .errors import LabError
-from .files import tmp_path  # noqa: F401 — re-exported: older imports say config.tmp_path
+from .files import (
+    tmp_path,  # noqa: F401 — re-exported: older imports say config.tmp_path
+    write_json,
+    write_text,
+)
 from .metrics import METRICS as _METRIC_KINDS  # pure Python: the scorers, no stage
 
 __all__ = [
@@ -339,9 +343,7 @@ def _library_schema(section: str) -> dict[str, dict]:
     schema = _build_schema(section)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(path)
-        tmp.write_text(json.dumps(schema, sort_keys=True))
-        tmp.replace(path)
+        write_json(path, schema, sort_keys=True)
     except OSError:
         pass
     return schema
@@ -995,9 +997,4 @@ def dump_yaml(cfg: dict, path: Path) -> None:
     """Write cfg as YAML to path atomically (temp file, then rename)."""
     import yaml
 
-    tmp = tmp_path(path)
-    try:
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))

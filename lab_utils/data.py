@@ -64,6 +64,7 @@ from .chat import (
 )
 from .embedded import is_embedded, resolve_data
 from .errors import LabError
+from .files import write_json
 
 __all__ = [
     "load_source",
@@ -805,11 +806,7 @@ def _plot_lengths(lengths: list[int], max_length: int, out: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from .config import tmp_path
-
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, ensure_ascii=False)
 
 
 def _summary_line(report: dict) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from .chat import chatml_template
 from .choices import EMBEDDED_DATA, EMBEDDED_DATASETS, EMBEDDED_MODEL, EMBEDDED_TOOLS  # noqa: F401 — names config checks
 from .errors import LabError
+from .files import write_text
 from .metrics import parse_price  # noqa: F401 — re-exported: the scorer moved to metrics.py
 
 __all__ = [
@@ -240,11 +241,7 @@ def resolve_data(path: str) -> str:
         out, make = cache_root() / f"pricer-v{PRICER_VERSION}-{DATA_SEED}-{DATA_ROWS}.jsonl", pricer_rows
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        from .config import tmp_path
-
-        tmp = tmp_path(out)  # two notebooks may build it at once
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in make()))
-        tmp.replace(out)
+        write_text(out, "".join(json.dumps(r) + "\n" for r in make()))  # two notebooks may build it at once
     return str(out)
 
 

@@ -36,6 +36,7 @@ from .choices import CONVERTER_OUTTYPES, EXPORT_PARTS  # noqa: E402 — the allo
 from .embedded import cache_root  # noqa: E402  ($LAB_CACHE or ~/.cache/qlora-lab)
 from .environment import get_secret, hub_reachable, pid_alive  # noqa: E402
 from .errors import LabError  # noqa: E402
+from .files import write_text  # noqa: E402
 
 # Files of vendor/llama.cpp/ that convert_hf_to_gguf.py needs: the script, its `conversion`
 # package (one module per architecture family), its own gguf-py, and the chat templates a few
@@ -130,10 +131,7 @@ def _tmp_file(final: Path) -> Path:
 def _write_text_atomic(path: Path, text: str) -> Path:
     """Write `text` to `path` through a temp file and a rename; return `path`."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_file(path)
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
-    return path
+    return write_text(path, text)
 
 
 def _stream(cmd: Sequence[str], env: dict[str, str] | None = None, what: str = "command") -> None:

@@ -28,11 +28,11 @@ from .config import (
     load_yaml,
     merge_defaults,
     resolve_config,
-    tmp_path,
     validate,
 )
 from .environment import import_unsloth_first, lab_root
 from .errors import LabError, install_handler
+from .files import write_json
 
 __all__ = ["Run", "start", "RUN_FORMAT", "POINTER", "adopt_settings"]
 
@@ -279,11 +279,8 @@ def _runs_listed(root: Path) -> str:
 def write_pointer(root: Path, name: str) -> Path:
     """Record name as the run 00_setup set up (root/current_run.json, written atomically); return its path."""
     path = root / POINTER
-    tmp = tmp_path(path)
     body = {"run_name": name, "set_up": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, body)
 
 
 def read_pointer(root: Path) -> tuple[str, str]:

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Any
 
 from . import metrics as mt  # one metric choice, scorer and direction, shared with 03_evaluate
-from .config import DEFAULTS, _nearest, dump_yaml, get, tmp_path, validate
+from .config import DEFAULTS, _nearest, dump_yaml, get, validate
 from .errors import LabError
+from .files import write_json, write_text
 from .metrics import lower_is_better  # noqa: F401 — sweep.lower_is_better is read by older callers
 from .run import Run
 
@@ -293,10 +294,7 @@ def plan_table(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def _write_state(trial: Trial, **state: Any) -> None:
-    path = trial.dir / STATE
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(trial.dir / STATE, state, indent=1, default=str)
 
 
 def _subset(dataset, spec: dict):
@@ -348,13 +346,11 @@ def _measure(trial: Trial, model, tokenizer, val, path: str, train=None) -> dict
                                          for k in keys if k in guess}}
     out = trial.eval_dir
     out.mkdir(parents=True, exist_ok=True)
-    gen_tmp, metrics_tmp = tmp_path(out / "generations.jsonl"), tmp_path(out / "metrics.json")
-    with open(gen_tmp, "w") as f:
-        for p, r, g in zip(prompts, refs, preds, strict=True):
-            f.write(json.dumps({"prompt": p[-1]["content"], "reference": r, "tuned": g}) + "\n")
-    os.replace(gen_tmp, out / "generations.jsonl")
-    metrics_tmp.write_text(json.dumps({**metrics, "metric": kind, "rows": len(val)}, indent=2))
-    os.replace(metrics_tmp, out / "metrics.json")
+    write_text(out / "generations.jsonl", "".join(
+        json.dumps({"prompt": p[-1]["content"], "reference": r, "tuned": g}) + "\n"
+        for p, r, g in zip(prompts, refs, preds, strict=True)
+    ))
+    write_json(out / "metrics.json", {**metrics, "metric": kind, "rows": len(val)}, indent=2)
     return metrics
 
 
@@ -472,9 +468,7 @@ def run_sweep(sweep: Sweep, path: str | None = None, *, retry_failed: bool = Fal
         _free_memory()
     rows = sweep_table(sweep)
     out = sweep.dir / "results.json"
-    tmp = tmp_path(out)
-    tmp.write_text(json.dumps(rows, indent=1, default=str))
-    os.replace(tmp, out)
+    write_json(out, rows, indent=1, default=str)
     print(f"\nSaved comparison → {sweep.run.display(out)}")
     return rows
 
@@ -637,9 +631,7 @@ def write_best_config(sweep: Sweep) -> Path:
         f"({metric} {_score(best, metric):.4g} after {sweep.spec['max_steps']} steps).\n"
         f"# Train it fully: LAB_CONFIG={path} for 01_data and 02_train (then 03, 04).\n"
     )
-    tmp = tmp_path(path)
-    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, header + yaml.safe_dump(cfg, sort_keys=False))
     changes = ", ".join(
         f"{k} {format_value(get(run.cfg, k))} → {format_value(v)}"
         for k, v in best.settings.items()

@@ -8,7 +8,6 @@ The `train:` section passes straight through to `trl.SFTConfig`; hardware-depend
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -31,6 +30,7 @@ from .checkpoints import (
     tmp_path,
 )
 from .errors import LabError, on_error_exit
+from .files import write_json
 
 __all__ = [
     "EXPLAIN",
@@ -506,13 +506,7 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
 
 
 def _write_log_history(run, trainer) -> None:
-    path = run.dir / "log_history.json"
-    tmp = tmp_path(path)
-    try:
-        tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_json(run.dir / "log_history.json", trainer.state.log_history, indent=1)
 
 
 def save_adapter(run, trainer) -> Path:
