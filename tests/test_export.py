@@ -222,7 +222,7 @@ def test_converter_dir_offline_error_names_the_fix(tmp_path: Path, monkeypatch) 
     def fail(*args, **kwargs):
         return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found\n")
 
-    monkeypatch.setattr(export.subprocess, "run", fail)
+    monkeypatch.setattr(subprocess, "run", fail)  # the converter download (gguf.py) runs pip
     with pytest.raises(LabError) as err:
         export.converter_dir(tmp_path / "cache")
     msg = str(err.value)
