@@ -71,7 +71,7 @@ def write_model_card(
     data_report: dict[str, Any] | None,
 ) -> Path:
     """Write out_dir/README.md (YAML front matter + base, data, LoRA, training, metrics, use and limits); return its path."""
-    import yaml
+    from huggingface_hub import ModelCard, ModelCardData
 
     out_dir = Path(out_dir)
     if metrics is None:
@@ -93,9 +93,8 @@ def write_model_card(
     exported = {p for p in EXPORT_PARTS if (out_dir / p).exists()}
     if "gguf" in exported:
         tags.append("gguf")
-    front = {"base_model": base_model, "library_name": "peft", "pipeline_tag": "text-generation", "tags": tags}
-    s: list[str] = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
-    s += [f"# {run_name}", "",
+    front = ModelCardData(base_model=base_model, library_name="peft", pipeline_tag="text-generation", tags=tags)
+    s: list[str] = [f"# {run_name}", "",
           f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), trained with QLoRA "
           "(4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
     file_lines = {
@@ -135,5 +134,6 @@ def write_model_card(
           f"(see `{base_model}`).",
           "- Use the chat template saved with the tokenizer; other prompt formats will work worse.",
           "- GGUF q8_0/q4_k_m files are quantized: expect small differences from the 16-bit model.", ""]
+    card = ModelCard(f"---\n{front.to_yaml()}\n---\n\n" + "\n".join(s))  # the Hub's own front matter writer
     out_dir.mkdir(parents=True, exist_ok=True)
-    return write_text(out_dir / "README.md", "\n".join(s))
+    return write_text(out_dir / "README.md", str(card))

@@ -26,7 +26,6 @@ from .card import _finished, _flatten, _fmt, _is_secret, _table, write_model_car
 from .choices import CONVERTER_OUTTYPES, EXPORT_PARTS  # noqa: F401 — the allowed values live below config
 from .environment import pid_alive
 from .errors import LabError
-from .files import write_text
 from .gguf import (  # noqa: F401 — re-exported: the GGUF steps moved to gguf.py
     _CONVERTER_PARTS,
     LLAMA_CPP_PYTHON_VERSION,
@@ -105,12 +104,6 @@ def clean_leftovers(export_dir: Path) -> list[Path]:
             p.unlink(missing_ok=True)
         removed.append(p)
     return removed
-
-
-def _write_text_atomic(path: Path, text: str) -> Path:
-    """Write `text` to `path` through a temp file and a rename; return `path`."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return write_text(path, text)
 
 
 def _device_and_dtype() -> tuple[str, Any]:
@@ -304,19 +297,19 @@ def _count_params(model_path: str) -> int:
     """Return the parameter count of a model: from local safetensors headers, else estimated from its config."""
     import math
 
+    from safetensors import safe_open
+
     folder = Path(str(model_path)).expanduser()
     files = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
     if files:
         total, float_only = 0, True
         for f in files:
-            with open(f, "rb") as fh:
-                header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
-            for name, info in header.items():
-                if name == "__metadata__":
-                    continue
-                if not str(info.get("dtype", "")).startswith(("F", "BF")):
-                    float_only = False  # packed 4-bit weights: the header does not give the true count
-                total += math.prod(info.get("shape", []))
+            with safe_open(str(f), framework="numpy") as st:  # reads the header only, no tensor data
+                for name in st.keys():
+                    tensor = st.get_slice(name)
+                    if not str(tensor.get_dtype()).startswith(("F", "BF")):
+                        float_only = False  # packed 4-bit weights: the header does not give the true count
+                    total += math.prod(tensor.get_shape())
         if float_only:
             return total
     from transformers import AutoConfig

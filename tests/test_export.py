@@ -330,6 +330,31 @@ def test_model_card(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]
 
 
+def test_the_model_card_is_one_the_hub_library_reads(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run" / "export"
+    (out / "gguf").mkdir(parents=True)
+    card = ModelCard.load(export.write_model_card(out, run_name="r", base_model="org/base", config={}, metrics=None,
+                                                  data_report=None))
+    assert card.data.base_model == "org/base" and card.data.library_name == "peft"
+    assert card.data.pipeline_tag == "text-generation" and {"qlora", "gguf"} <= set(card.data.tags)
+    assert card.text.lstrip().startswith("# r\n")
+
+
+def test_count_params_reads_safetensors_headers_and_falls_back_for_packed_weights(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros((3, 4), np.float16), "b": np.zeros(5, np.float32)}, str(tmp_path / "model.safetensors"))
+    assert export._count_params(str(tmp_path)) == 17
+    save_file({"q": np.zeros(8, np.uint8)}, str(tmp_path / "model.safetensors"))  # 4-bit packed: no true count
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "vocab_size": 10}))
+    assert export._count_params(str(tmp_path)) == (8 * 2 * 4 * 2 * 2 + 3 * 8 * 16 + 2 * 8) + 10 * 8 * 2 + 8
+
+
 def _export_dir(tmp_path: Path, tiny: dict[str, Path], merged: Path) -> Path:
     """Lay out an export folder: README, adapter, merged, gguf."""
     out = tmp_path / "run" / "export"
