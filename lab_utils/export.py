@@ -40,7 +40,7 @@ from .gguf import (  # noqa: F401 — re-exported: the GGUF steps moved to gguf.
     quantize_gguf,
     to_gguf,
 )
-from .hub import _get_token, _truthy, _upload_list, push_to_hub  # noqa: F401 — re-exported: the upload moved to hub.py
+from .hub import _get_token, _upload_list, push_to_hub  # noqa: F401 — re-exported: the upload moved to hub.py
 
 # bytes per parameter on disk (q4_k_m is ~4.9 bits per weight in practice)
 _BYTES_PER_PARAM = {

@@ -2,21 +2,15 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from .choices import EXPORT_PARTS
-from .environment import get_secret, hub_reachable
+from .environment import get_secret, hub_offline, hub_reachable
 from .errors import LabError
 
 # ----------------------------------------------------------------------------------------------
 # push
-
-
-def _truthy(v: str | None) -> bool:
-    """Return True for '1', 'true', 'yes', 'on' (any case)."""
-    return (v or "").strip().lower() in ("1", "true", "yes", "on")
 
 
 def _get_token(token: str | None) -> str | None:
@@ -68,7 +62,7 @@ def push_to_hub(
     if dry_run is None:
         if not tok:
             dry_run, reason = True, "no HF token (set HF_TOKEN in Colab secrets)"
-        elif _truthy(os.environ.get("HF_HUB_OFFLINE")):
+        elif hub_offline():
             dry_run, reason = True, "HF_HUB_OFFLINE is set"
         elif not hub_reachable():
             dry_run, reason = True, "the Hub is unreachable"
