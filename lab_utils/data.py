@@ -1053,7 +1053,7 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     try:
         role_map = _role_map(d.get("role_map") or {})
     except ValueError as e:
-        raise LabError(str(e).replace("; fix:", " —")) from None
+        raise LabError(str(e)) from None  # chat.py writes it in the lab's one style already
     fp = data_fingerprint(cfg, tokenizer)
     if (cached := _reuse_prepared(run, fp)) is not None:
         return cached

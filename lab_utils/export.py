@@ -25,7 +25,7 @@ from typing import Any
 from .card import _finished, _flatten, _fmt, _is_secret, _table, write_model_card  # noqa: F401 — re-exported
 from .choices import CONVERTER_OUTTYPES, EXPORT_PARTS  # noqa: F401 — the allowed values live below config
 from .environment import pid_alive
-from .errors import LabError
+from .errors import LabError, problem
 from .gguf import (  # noqa: F401 — re-exported: the GGUF steps moved to gguf.py
     _CONVERTER_PARTS,
     LLAMA_CPP_PYTHON_VERSION,
@@ -202,19 +202,16 @@ def merge_adapter(
 
     adapter_dir, out_dir = Path(adapter_dir), Path(out_dir)
     if not (adapter_dir / "adapter_config.json").is_file():
-        raise LabError(
-            f"no LoRA adapter / got {adapter_dir} without adapter_config.json / fix: pass the folder the trainer saved"
-        )
+        raise problem("no LoRA adapter", got=f"{adapter_dir} without adapter_config.json",
+                      fix="pass the folder the trainer saved")
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
-        raise LabError(f"bad dtype / got {dtype!r} / fix: use 'float16', 'bfloat16' or 'float32'")
+        raise problem("bad dtype", got=f"{dtype!r}", fix="use 'float16', 'bfloat16' or 'float32'")
 
     config = AutoConfig.from_pretrained(base_model_path, trust_remote_code=trust_remote_code)
     if getattr(config, "quantization_config", None):
-        raise LabError(
-            f"base is a pre-quantized checkpoint / got {base_model_path} with a quantization_config / "
-            "fix: merge into the 16-bit base (the same model id without '-bnb-4bit')"
-        )
+        raise problem("base is a pre-quantized checkpoint", got=f"{base_model_path} with a quantization_config",
+                      fix="merge into the 16-bit base (the same model id without '-bnb-4bit')")
     adapter_base = json.loads((adapter_dir / "adapter_config.json").read_text()).get("base_model_name_or_path")
     if adapter_base and (
         Path(str(adapter_base)).name.lower().replace("-bnb-4bit", "") != Path(str(base_model_path)).name.lower()
@@ -287,10 +284,8 @@ def free_space_ok(path: Path, need_bytes: int) -> None:
     free = shutil.disk_usage(p).free
     need = int(need_bytes * 1.1)
     if free < need:
-        raise LabError(
-            f"not enough disk space at {path} / got {_human(free)} free, need {_human(need)} / "
-            "fix: delete old checkpoints or exports, or export to another folder (e.g. Drive)"
-        )
+        raise problem(f"not enough disk space at {path}", got=f"{_human(free)} free, need {_human(need)}",
+                      fix="delete old checkpoints or exports, or export to another folder (e.g. Drive)")
 
 
 def _count_params(model_path: str) -> int:
@@ -333,7 +328,7 @@ def estimate_export_bytes(model_path: str, outtypes: Sequence[str]) -> int:
         outtypes = [outtypes]
     unknown = [o for o in outtypes if o.lower() not in _BYTES_PER_PARAM]
     if unknown:
-        raise LabError(f"unknown export type / got {unknown} / fix: use {sorted(_BYTES_PER_PARAM)}")
+        raise problem("unknown export type", got=f"{unknown}", fix=f"use {sorted(_BYTES_PER_PARAM)}")
     n = _count_params(model_path)
     overhead = 20_000_000  # tokenizer, configs, GGUF metadata
     return int(sum(n * _BYTES_PER_PARAM[o.lower()] + overhead for o in outtypes))

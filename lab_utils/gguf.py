@@ -20,7 +20,7 @@ from pathlib import Path
 
 from .choices import CONVERTER_OUTTYPES
 from .embedded import cache_root  # $LAB_CACHE or ~/.cache/qlora-lab
-from .errors import LabError
+from .errors import LabError, problem
 
 # llama.cpp's converter comes from this llama-cpp-python source distribution (vendor/llama.cpp).
 # Its gguf-py is gguf 0.19.0, the same version this package pins.
@@ -67,7 +67,7 @@ def _stream(cmd: Sequence[str], env: dict[str, str] | None = None, what: str = "
     if rc != 0:
         lines = [ln.strip() for ln in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines() if ln.strip()]
         last = lines[-1] if lines else "no output"
-        raise LabError(f"{what} failed / got exit code {rc}: {last} / fix: read the output above")
+        raise problem(f"{what} failed", got=f"exit code {rc}: {last}", fix="read the output above")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -87,7 +87,7 @@ def _find_or_download_sdist(root: Path, workdir: Path) -> Path:
     env = os.environ.get(SDIST_ENV)
     if env:
         if not Path(env).is_file():
-            raise LabError(f"${SDIST_ENV} is not a file / got {env} / fix: point it at {SDIST_NAME} or unset it")
+            raise problem(f"${SDIST_ENV} is not a file", got=f"{env}", fix=f"point it at {SDIST_NAME} or unset it")
         return Path(env)
     if (root / SDIST_NAME).is_file():
         return root / SDIST_NAME
@@ -100,8 +100,8 @@ def _find_or_download_sdist(root: Path, workdir: Path) -> Path:
         lines = [ln for ln in (res.stderr or res.stdout or "").splitlines() if ln.strip()]
         last = lines[-1].strip() if lines else f"exit code {res.returncode}"
         raise LabError(
-            f"cannot get llama.cpp's converter / pip download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} "
-            f"failed: {last} / fix: connect to the internet, or put {SDIST_NAME} in {root} or set ${SDIST_ENV}"
+            f"cannot get llama.cpp's converter, got 'pip download llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}' "
+            f"failed: {last} — connect to the internet, or put {SDIST_NAME} in {root} or set ${SDIST_ENV}"
         )
     return found[0]
 
@@ -127,7 +127,7 @@ def _extract_converter(sdist: Path, dest: Path) -> None:
                 shutil.copyfileobj(src, out)
             n += 1
     if n == 0:
-        raise LabError(f"converter not in the sdist / got no files under {prefix} in {sdist} / fix: re-download it")
+        raise problem("converter not in the sdist", got=f"no files under {prefix} in {sdist}", fix="re-download it")
 
 
 def converter_dir(cache_dir: Path | None = None) -> Path:
@@ -146,7 +146,7 @@ def converter_dir(cache_dir: Path | None = None) -> Path:
             _extract_converter(sdist, tmp)
             (tmp / "SOURCE.txt").write_text(f"{sdist.name}\nsha256 {digest}\n")
             if not _converter_ok(tmp):
-                raise LabError(f"incomplete converter / got {sorted(p.name for p in tmp.iterdir())} / fix: report this")
+                raise problem("incomplete converter", got=f"{sorted(p.name for p in tmp.iterdir())}", fix="report this")
     print(f"llama.cpp converter ready: {folder}")
     return folder
 
@@ -157,11 +157,10 @@ def to_gguf(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
 
     merged_dir, out_path = Path(merged_dir), Path(out_path)
     if outtype not in CONVERTER_OUTTYPES:
-        raise LabError(
-            f"bad outtype / got {outtype!r} / fix: use one of {CONVERTER_OUTTYPES}; for q4_k_m run quantize_gguf on the f16 file"
-        )
+        raise problem("bad outtype", got=repr(outtype),
+                      fix=f"use one of {CONVERTER_OUTTYPES}; for q4_k_m run quantize_gguf on the f16 file")
     if not (merged_dir / "config.json").is_file():
-        raise LabError(f"not a model folder / got {merged_dir} without config.json / fix: run merge_adapter first")
+        raise problem("not a model folder", got=f"{merged_dir} without config.json", fix="run merge_adapter first")
     conv = converter_dir()
     weights = sum(f.stat().st_size for f in merged_dir.glob("*.safetensors"))
     need = int(weights * _BYTES_PER_PARAM[outtype] / 2) if weights else 0
@@ -179,7 +178,7 @@ def to_gguf(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     try:
         _stream(cmd, env=env, what=f"convert_hf_to_gguf ({outtype})")
         if not tmp.is_file():
-            raise LabError(f"converter wrote nothing / got no {tmp.name} / fix: read the converter output above")
+            raise problem("converter wrote nothing", got=f"no {tmp.name}", fix="read the converter output above")
         tmp.replace(out_path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -211,9 +210,9 @@ def quantize_gguf(src: Path, dst: Path, method: str = "q4_k_m") -> Path | None:
 
     src, dst = Path(src), Path(dst)
     if method.lower() not in QUANTIZE_METHODS:
-        raise LabError(f"bad quantization method / got {method!r} / fix: use one of {QUANTIZE_METHODS}")
+        raise problem("bad quantization method", got=f"{method!r}", fix=f"use one of {QUANTIZE_METHODS}")
     if not src.is_file():
-        raise LabError(f"no source GGUF / got {src} / fix: run to_gguf(..., outtype='f16') first")
+        raise problem("no source GGUF", got=f"{src}", fix="run to_gguf(..., outtype='f16') first")
     binary = _find_quantize()
     if binary is None:
         print(
@@ -226,7 +225,7 @@ def quantize_gguf(src: Path, dst: Path, method: str = "q4_k_m") -> Path | None:
     try:
         _stream([str(binary), str(src), str(tmp), method.upper()], what=f"llama-quantize ({method})")
         if not tmp.is_file():
-            raise LabError(f"llama-quantize wrote nothing / got no {tmp.name} / fix: read its output above")
+            raise problem("llama-quantize wrote nothing", got=f"no {tmp.name}", fix="read its output above")
         tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from .choices import EXPORT_PARTS
 from .environment import get_secret, hub_offline, hub_reachable
-from .errors import LabError
+from .errors import problem
 
 # ----------------------------------------------------------------------------------------------
 # push
@@ -51,12 +51,12 @@ def push_to_hub(
     export_dir = Path(export_dir)
     bad = [w for w in what if w not in EXPORT_PARTS]
     if bad:
-        raise LabError(f"unknown export part / got {bad} / fix: choose from {EXPORT_PARTS}")
+        raise problem("unknown export part", got=f"{bad}", fix=f"choose from {EXPORT_PARTS}")
     if "/" not in repo_id:
-        raise LabError(f"repo id needs an owner / got {repo_id!r} / fix: use 'your-username/{repo_id}'")
+        raise problem("repo id needs an owner", got=f"{repo_id!r}", fix=f"use 'your-username/{repo_id}'")
     files = _upload_list(export_dir, what)
     if not files:
-        raise LabError(f"nothing to upload / got no files for {list(what)} in {export_dir} / fix: run the export first")
+        raise problem("nothing to upload", got=f"no files for {list(what)} in {export_dir}", fix="run the export first")
     tok = _get_token(token)
     reason = ""
     if dry_run is None:
@@ -76,8 +76,8 @@ def push_to_hub(
             print(f"  {repo_id}: {path}  ({_human(size)})")
         return [p for p, _ in files]
     if not tok:
-        raise LabError("no Hugging Face token / got none in the argument, $HF_TOKEN or Colab secrets / "
-                           "fix: add HF_TOKEN (write access) in Colab's key icon, or push with dry_run=True")
+        raise problem("no Hugging Face token", got="none in the argument, $HF_TOKEN or Colab secrets",
+                      fix="add HF_TOKEN (write access) in Colab's key icon, or push with dry_run=True")
     from huggingface_hub import HfApi
 
     api = HfApi(token=tok)

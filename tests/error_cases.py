@@ -454,7 +454,7 @@ CASES: list[Case] = [
     ),
     Case(
         "wrong-columns", "Data", "a CSV whose columns match no known format", "01_data",
-        "Cannot detect the data format: got columns ['a', 'b']; fix: set data.format to one of {…} or rename the "
+        "Cannot detect the data format, got columns ['a', 'b'] — set data.format to one of {…} or rename the "
         "columns.",
         config={"data": {"path": "{dir}/rows.csv"}}, files={"rows.csv": CSV_OTHER_COLUMNS}, before=("start",),
     ),

@@ -144,7 +144,7 @@ def test_check_merged_matches_unmerged_adapter(tiny: dict[str, Path], merged: Pa
 
 
 def test_merge_rejects_a_folder_without_adapter(tiny: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(LabError, match="adapter_config.json.*fix:"):
+    with pytest.raises(LabError, match="adapter_config.json — "):
         export.merge_adapter(str(tiny["base"]), tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -226,7 +226,7 @@ def test_converter_dir_offline_error_names_the_fix(tmp_path: Path, monkeypatch) 
     with pytest.raises(LabError) as err:
         export.converter_dir(tmp_path / "cache")
     msg = str(err.value)
-    assert "\n" not in msg and "No matching distribution" in msg and "fix:" in msg
+    assert "\n" not in msg and "No matching distribution" in msg and " — " in msg
     assert not (tmp_path / "cache" / f"llama.cpp-{export.LLAMA_CPP_PYTHON_VERSION}").exists()
 
 
@@ -275,7 +275,7 @@ def test_free_space_ok(tmp_path: Path) -> None:
     with pytest.raises(LabError) as err:
         export.free_space_ok(tmp_path, 10**18)
     msg = str(err.value)
-    assert "\n" not in msg and "free" in msg and "fix:" in msg
+    assert "\n" not in msg and ", got " in msg and "free" in msg and " — " in msg
 
 
 def test_estimate_export_bytes(tiny: dict[str, Path]) -> None:
@@ -288,7 +288,7 @@ def test_estimate_export_bytes(tiny: dict[str, Path]) -> None:
     f16 = export.estimate_export_bytes(str(tiny["base"]), ["f16"])
     both = export.estimate_export_bytes(str(tiny["base"]), ["merged", "f16", "q8_0"])
     assert f16 >= 2 * n and both > 2 * f16
-    with pytest.raises(LabError, match="fix:"):
+    with pytest.raises(LabError, match=", got .* — use"):
         export.estimate_export_bytes(str(tiny["base"]), ["q3_xyz"])
 
 
