@@ -1,8 +1,11 @@
 """The run's configuration: defaults, YAML, notebook form fields and environment, merged and checked.
 
-Precedence, lowest first: built-in defaults → profile defaults → YAML file → notebook form fields
-→ environment (`LAB_RUN_NAME`, `LAB_PROFILE`). `LAB_CONFIG` names a YAML file used *instead of*
-the notebook's form fields. The `lora:` and `train:` sections pass through to `peft.LoraConfig`
+Precedence, lowest first: built-in defaults → YAML file → notebook form fields → environment
+(`LAB_RUN_NAME`). `LAB_CONFIG` names a YAML file used *instead of* the notebook's form fields.
+The `train:` keys that depend on the GPU (batch geometry, precision, optimizer, padding) and that
+the config leaves unset are chosen for the hardware found when training starts (defaults.choose).
+`profile` / `LAB_PROFILE` adds no settings: it names the hardware a run expects (`colab-t4`, ...),
+checked before anything is written; `auto` takes whatever machine is there. The `lora:` and `train:` sections pass through to `peft.LoraConfig`
 and `trl.SFTConfig` by their own field names; an unknown key is an error naming the nearest one.
 
 Every value is checked before anything is loaded or written: its type against the library's own
