@@ -58,23 +58,11 @@ from .metrics import (  # noqa: F401 — re-exported: the metric choice, scorers
     tie_margin,
 )
 
-__all__ = [
-    "METRICS",
+__all__ = [  # the metric names (metrics.__all__) are importable from here too
     "EVAL_VERSION",
     "load_tuned",
     "assistant_loss",
     "generate",
-    "parse_number",
-    "normalize_answer",
-    "task_metrics",
-    "metric_kind",
-    "lower_is_better",
-    "primary_keys",
-    "constant_answer",
-    "row_scores",
-    "tie_margin",
-    "beats_baseline",
-    "baseline_scores",
     "train_references",
     "prompt_and_reference",
     "eval_sample",
@@ -84,7 +72,6 @@ __all__ = [
     "verdict",
     "generations_table",
     "export_adapter_source",
-    "parse_tool_calls",
 ]
 
 EVAL_VERSION = "2"  # bump when a cached part would now be computed differently

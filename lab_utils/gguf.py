@@ -153,7 +153,7 @@ def converter_dir(cache_dir: Path | None = None) -> Path:
 
 def to_gguf(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     """Convert a merged HF model folder to GGUF with llama.cpp's converter; return the GGUF path."""
-    from .export import _BYTES_PER_PARAM, _human, free_space_ok
+    from .export import _BYTES_PER_PARAM, free_space_ok
 
     merged_dir, out_path = Path(merged_dir), Path(out_path)
     if outtype not in CONVERTER_OUTTYPES:
@@ -171,19 +171,28 @@ def to_gguf(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     env.pop("NO_LOCAL_GGUF", None)
     env["PYTHONUNBUFFERED"] = "1"
     env["PYTHONIOENCODING"] = "utf-8"
-    tmp = _tmp_file(out_path)
-    cmd = [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(merged_dir),
-           "--outfile", str(tmp), "--outtype", outtype]
     print(f"converting {merged_dir} -> {out_path} ({outtype}) with llama.cpp {LLAMA_CPP_PYTHON_VERSION} converter ...")
+    return _written_by(
+        lambda tmp: [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(merged_dir),
+                     "--outfile", str(tmp), "--outtype", outtype],
+        out_path, f"convert_hf_to_gguf ({outtype})", env=env,
+    )
+
+
+def _written_by(command, dst: Path, what: str, env: dict[str, str] | None = None) -> Path:
+    """Run command(tmp) (a llama.cpp tool writing tmp), then rename tmp to dst when it is there; return dst."""
+    from .export import _human
+
+    tmp = _tmp_file(dst)
     try:
-        _stream(cmd, env=env, what=f"convert_hf_to_gguf ({outtype})")
+        _stream(command(tmp), env=env, what=what)
         if not tmp.is_file():
-            raise problem("converter wrote nothing", got=f"no {tmp.name}", fix="read the converter output above")
-        tmp.replace(out_path)
+            raise problem(f"{what} wrote nothing", got=f"no {tmp.name}", fix="read its output above")
+        tmp.replace(dst)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"GGUF written: {out_path} ({_human(out_path.stat().st_size)})")
-    return out_path
+    print(f"GGUF written: {dst} ({_human(dst.stat().st_size)})")
+    return dst
 
 
 def _find_quantize() -> Path | None:
@@ -206,7 +215,7 @@ def _find_quantize() -> Path | None:
 
 def quantize_gguf(src: Path, dst: Path, method: str = "q4_k_m") -> Path | None:
     """Quantize a f16/bf16/f32 GGUF with llama.cpp's llama-quantize; return dst, or None (reason printed) without one."""
-    from .export import _BYTES_PER_PARAM, _human, free_space_ok
+    from .export import _BYTES_PER_PARAM, free_space_ok
 
     src, dst = Path(src), Path(dst)
     if method.lower() not in QUANTIZE_METHODS:
@@ -221,16 +230,7 @@ def quantize_gguf(src: Path, dst: Path, method: str = "q4_k_m") -> Path | None:
         )
         return None
     free_space_ok(dst.parent, int(src.stat().st_size * _BYTES_PER_PARAM.get(method.lower(), 1.0) / 2))
-    tmp = _tmp_file(dst)
-    try:
-        _stream([str(binary), str(src), str(tmp), method.upper()], what=f"llama-quantize ({method})")
-        if not tmp.is_file():
-            raise problem("llama-quantize wrote nothing", got=f"no {tmp.name}", fix="read its output above")
-        tmp.replace(dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    print(f"GGUF written: {dst} ({_human(dst.stat().st_size)})")
-    return dst
+    return _written_by(lambda tmp: [str(binary), str(src), str(tmp), method.upper()], dst, f"llama-quantize ({method})")
 
 
 def check_gguf(merged_dir: Path, gguf_path: Path, n_tokens: int = 64, seed: int = 0) -> dict[str, float]:
