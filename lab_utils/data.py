@@ -168,10 +168,8 @@ def _first_line(e: BaseException, n: int = 160) -> str:
 
 def _check_hub(spec: str) -> None:
     """Raise a one-line LabError when the hub cannot be reached or has no such dataset (seconds, no retries)."""
-    from .environment import hub_offline
-
-    if hub_offline() or os.environ.get("HF_DATASETS_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        return  # offline mode (parsed as the Hugging Face libraries do): load_dataset looks in the local cache
+    if any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
+        return  # offline mode: load_dataset looks in the local cache
     from huggingface_hub import HfApi
     from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
 

@@ -506,6 +506,7 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
 
 
 def _write_log_history(run, trainer) -> None:
+    """Write the Trainer's loss history to run/log_history.json (atomically)."""
     write_json(run.dir / "log_history.json", trainer.state.log_history, indent=1)
 
 

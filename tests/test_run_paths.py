@@ -28,21 +28,3 @@ def test_no_stage_opens_the_data_report_itself():
     naming = [p.name for p in package.glob("*.py") if '"data_report.json"' in p.read_text() and p.name != "run.py"]
     assert naming == []
 
-
-@pytest.mark.parametrize("value, offline", [("1", True), ("true", True), ("ON", True), ("0", False), ("false", False), ("", False)])
-def test_data_and_the_hub_upload_read_hf_hub_offline_the_same_way(monkeypatch, value, offline):
-    import huggingface_hub
-
-    from lab_utils import data, environment
-
-    monkeypatch.setenv("HF_HUB_OFFLINE", value)
-    monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
-    asked = []
-
-    class Api:
-        def dataset_info(self, spec, timeout):
-            asked.append(spec)
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", Api)
-    data._check_hub("org/set")
-    assert environment.hub_offline() is offline and (asked == []) is offline
