@@ -61,6 +61,71 @@ _LORA_KEYS = {"r", "rank", "lora_r", "lora_alpha", "alpha", "lora_dropout", "tar
               "use_rslora", "use_dora", "modules_to_save", "init_lora_weights"}
 
 
+def _split_config(config: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """Return the config's non-secret settings as (LoRA, data, training) dicts of dotted keys."""
+    lora, data_cfg, train = {}, {}, {}
+    for k, v in _flatten(config or {}).items():
+        if _is_secret(k, v):
+            continue
+        parts = k.lower().split(".")
+        if "lora" in parts[0] or parts[-1] in _LORA_KEYS:
+            lora[k] = v
+        elif parts[0] in ("data", "dataset") or parts[-1] in ("dataset", "dataset_name", "data_path"):
+            data_cfg[k] = v
+        else:
+            train[k] = v
+    return lora, data_cfg, train
+
+
+def _files_section(out_dir: Path, exported: set[str]) -> list[str]:
+    """Return the card's "Files" lines: the exported parts (all of them when none is there yet)."""
+    file_lines = {
+        "adapter": "- `adapter/` - the LoRA adapter: `PeftModel.from_pretrained("
+                   "AutoModelForCausalLM.from_pretrained(base), repo, subfolder='adapter')`",
+        "merged": "- `merged/` - the adapter merged into the 16-bit base: "
+                  "`AutoModelForCausalLM.from_pretrained(repo, subfolder='merged')`",
+        "gguf": "- `gguf/` - the merged model for llama.cpp / Ollama / LM Studio: "
+                + (", ".join(f"`{g.name}`" for g in _finished(out_dir / "gguf", "*.gguf")) or "f16, q8_0"),
+    }
+    return ["## Files", "", *(file_lines[p] for p in EXPORT_PARTS if p in exported or not exported), ""]
+
+
+def _data_section(data_cfg: dict, data_report: dict[str, Any] | None) -> list[str]:
+    """Return the card's "Data" lines: the data settings and the report's numbers (never its rows)."""
+    s = ["## Data", ""]
+    if data_cfg:
+        s += [_table(data_cfg), ""]
+    if data_report:
+        rows = {k: v for k, v in _flatten(data_report).items()
+                if not _is_secret(k, v) and not (isinstance(v, (list, tuple)) and len(v) > 12)}
+        s += ["Data report summary:", "", _table(dict(list(rows.items())[:40]), ("item", "value")), ""]
+    if not data_cfg and not data_report:
+        s += ["Not recorded.", ""]
+    return s
+
+
+def _evaluation_section(metrics: dict[str, Any] | None) -> list[str]:
+    """Return the card's "Evaluation" lines: every number of eval/metrics.json."""
+    if not metrics:
+        return ["## Evaluation", "", "No eval/metrics.json was found for this run.", ""]
+    # the constant guess's answer is a training row's answer: numbers only from the baseline, no data in the card
+    mrows = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float, str)) and not _is_secret(k, v)
+             and not (k.startswith("baseline.") and isinstance(v, str))}
+    return ["## Evaluation", "", _table(mrows, ("metric", "value")), ""]
+
+
+_LIMITS = [
+    "## Intended use and limits", "",
+    "- A teaching artifact from a fine-tuning lab: for learning and experiments, not production.",
+    "- Small model, short training: it can be confidently wrong, repeat itself or drift off-topic; "
+    "check anything that matters.",
+    "- Not evaluated for safety, bias or toxicity; it inherits the base model's limitations and license "
+    "(see `{base_model}`).",
+    "- Use the chat template saved with the tokenizer; other prompt formats will work worse.",
+    "- GGUF q8_0/q4_k_m files are quantized: expect small differences from the 16-bit model.", "",
+]
+
+
 def write_model_card(
     out_dir: Path,
     *,
@@ -78,62 +143,20 @@ def write_model_card(
         mfile = out_dir.parent / "eval" / "metrics.json"
         if mfile.is_file():
             metrics = json.loads(mfile.read_text())
-    flat = {k: v for k, v in _flatten(config or {}).items() if not _is_secret(k, v)}
-    lora, data_cfg, train = {}, {}, {}
-    for k, v in flat.items():
-        parts = k.lower().split(".")
-        if "lora" in parts[0] or parts[-1] in _LORA_KEYS:
-            lora[k] = v
-        elif parts[0] in ("data", "dataset") or parts[-1] in ("dataset", "dataset_name", "data_path"):
-            data_cfg[k] = v
-        else:
-            train[k] = v
-
-    tags = ["qlora", "lora", "peft", "sft", "text-generation", "qlora-lab"]
+    lora, data_cfg, train = _split_config(config)
     exported = {p for p in EXPORT_PARTS if (out_dir / p).exists()}
-    if "gguf" in exported:
-        tags.append("gguf")
+    tags = ["qlora", "lora", "peft", "sft", "text-generation", "qlora-lab"] + ["gguf"] * ("gguf" in exported)
     front = ModelCardData(base_model=base_model, library_name="peft", pipeline_tag="text-generation", tags=tags)
     s: list[str] = [f"# {run_name}", "",
-          f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), trained with QLoRA "
-          "(4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
-    file_lines = {
-        "adapter": "- `adapter/` - the LoRA adapter: `PeftModel.from_pretrained("
-                   "AutoModelForCausalLM.from_pretrained(base), repo, subfolder='adapter')`",
-        "merged": "- `merged/` - the adapter merged into the 16-bit base: "
-                  "`AutoModelForCausalLM.from_pretrained(repo, subfolder='merged')`",
-        "gguf": "- `gguf/` - the merged model for llama.cpp / Ollama / LM Studio: "
-                + (", ".join(f"`{g.name}`" for g in _finished(out_dir / "gguf", "*.gguf")) or "f16, q8_0"),
-    }
-    s += ["## Files", "", *(file_lines[p] for p in EXPORT_PARTS if p in exported or not exported), ""]
+                    f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), trained with QLoRA "
+                    "(4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
+    s += _files_section(out_dir, exported)
     s += ["## Base model", "", f"`{base_model}`, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
-    s += ["## Data", ""]
-    if data_cfg:
-        s += [_table(data_cfg), ""]
-    if data_report:
-        rows = {k: v for k, v in _flatten(data_report).items()
-                if not _is_secret(k, v) and not (isinstance(v, (list, tuple)) and len(v) > 12)}
-        s += ["Data report summary:", "", _table(dict(list(rows.items())[:40]), ("item", "value")), ""]
-    if not data_cfg and not data_report:
-        s += ["Not recorded.", ""]
+    s += _data_section(data_cfg, data_report)
     s += ["## LoRA", "", _table(lora) if lora else "Not recorded.", ""]
     s += ["## Training hyperparameters", "", _table(train) if train else "Not recorded.", ""]
-    s += ["## Evaluation", ""]
-    if metrics:
-        # the constant guess's answer is a training row's answer: numbers only from the baseline, no data in the card
-        mrows = {k: v for k, v in _flatten(metrics).items() if isinstance(v, (int, float, str)) and not _is_secret(k, v)
-                 and not (k.startswith("baseline.") and isinstance(v, str))}
-        s += [_table(mrows, ("metric", "value")), ""]
-    else:
-        s += ["No eval/metrics.json was found for this run.", ""]
-    s += ["## Intended use and limits", "",
-          "- A teaching artifact from a fine-tuning lab: for learning and experiments, not production.",
-          "- Small model, short training: it can be confidently wrong, repeat itself or drift off-topic; "
-          "check anything that matters.",
-          "- Not evaluated for safety, bias or toxicity; it inherits the base model's limitations and license "
-          f"(see `{base_model}`).",
-          "- Use the chat template saved with the tokenizer; other prompt formats will work worse.",
-          "- GGUF q8_0/q4_k_m files are quantized: expect small differences from the 16-bit model.", ""]
+    s += _evaluation_section(metrics)
+    s += [line.replace("{base_model}", base_model) for line in _LIMITS]
     card = ModelCard(f"---\n{front.to_yaml()}\n---\n\n" + "\n".join(s))  # the Hub's own front matter writer
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_text(out_dir / "README.md", str(card))
