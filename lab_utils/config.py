@@ -675,7 +675,7 @@ def _check_value(key: str, value: Any, kinds: set[str], choices, items, default:
             raise LabError(f"{key} must be {_describe_kinds(kinds)}, got {value!r}{eg_s}")
         if choices and value not in choices:
             listed = ", ".join(map(str, choices[:12])) + (", …" if len(choices) > 12 else "")
-            raise LabError(f"{key} must be one of {listed}; got {value!r}{_nearest(value, choices)}")
+            raise LabError(f"{key} must be one of {listed}, got {value!r}{_nearest(value, choices)}")
         return value
     raise LabError(f"{key} must be {_describe_kinds(kinds)}, got {value!r}{eg_s}")
 
@@ -686,7 +686,7 @@ def _check_range(key: str, value: Any, default: Any) -> None:
     if key in _SENTINELS:
         sentinel, lo, text, _ = _SENTINELS[key]
         if value != sentinel and value < lo:
-            raise LabError(f"{key} must be {text}; got {value!r}")
+            raise LabError(f"{key} must be {text}, got {value!r}")
         return
     if key in _RANGES:
         lo, hi, lo_open, hi_open, eg = _RANGES[key]
@@ -801,7 +801,7 @@ def check_profile(name: Any, origin: str = "profile") -> None:
     if name in PROFILE_NAMES:
         return
     raise LabError(
-        f"{origin} must be one of {', '.join(PROFILE_NAMES)}; got {name!r}{_nearest(name, PROFILE_NAMES)}"
+        f"{origin} must be one of {', '.join(PROFILE_NAMES)}, got {name!r}{_nearest(name, PROFILE_NAMES)}"
     )
 
 

@@ -15,7 +15,7 @@ NOT_YET = {"defaults.py"}
 
 def test_no_module_writes_the_old_slash_or_semicolon_styles():
     package = pathlib.Path(__file__).resolve().parents[1] / "lab_utils"
-    old = re.compile(r"/ got |/ fix:|; fix:")
+    old = re.compile(r"/ got |/ fix:|; fix:|; got ")
     offenders = sorted(p.name for p in package.glob("*.py") if p.name not in NOT_YET and old.search(p.read_text()))
     assert offenders == []
 
