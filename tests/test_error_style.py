@@ -9,8 +9,9 @@ import pytest
 
 from lab_utils.errors import LabError, problem
 
-# defaults.py belongs to the hardware/defaults split (#15a), which converts its own messages.
-NOT_YET = {"defaults.py"}
+# defaults.py and the defaults CLI in __main__.py belong to the hardware/defaults split (#15a): its chooser's
+# warnings and argparse messages still say "; fix:".
+NOT_YET = {"defaults.py", "__main__.py"}
 
 
 def test_no_module_writes_the_old_slash_or_semicolon_styles():
