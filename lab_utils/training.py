@@ -8,7 +8,6 @@ The `train:` section passes straight through to `trl.SFTConfig`; hardware-depend
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
@@ -123,10 +122,7 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
     cfg = run.cfg
     hw = hardware or detect_hardware()
     params, shape = _model_params(cfg)
-    stats = None
-    report = run.data_dir / "data_report.json"
-    if report.exists():
-        stats = json.loads(report.read_text()).get("length_stats")
+    stats = (run.data_report() or {}).get("length_stats")
     user = {k: v for k, v in cfg["train"].items() if k in HARDWARE_KEYS}
     chosen = defaults.choose(
         hw,
@@ -229,10 +225,7 @@ def run_identity(run, settings: dict, fingerprint: str | None) -> dict[str, Any]
 
 
 def _data_fingerprint(run) -> str | None:
-    report = run.data_dir / "data_report.json"
-    if report.exists():
-        return json.loads(report.read_text()).get("fingerprint")
-    return None
+    return (run.data_report() or {}).get("fingerprint")
 
 
 def _trainer_class():
