@@ -109,11 +109,11 @@ def init() -> None:
     if not is_distributed() or _group_ready():
         return
     _end_with_launcher()
-    import torch
-
     from accelerate import PartialState
 
-    PartialState(cpu=not torch.cuda.is_available(), timeout=SETUP_TIMEOUT)
+    from .hardware import cuda_available
+
+    PartialState(cpu=not cuda_available(), timeout=SETUP_TIMEOUT)
 
 
 def barrier() -> None:
@@ -232,10 +232,10 @@ def trainer_kwargs(settings: dict[str, Any]) -> dict[str, Any]:
     """Return the SFTConfig arguments several processes need: CPU ranks over gloo, replicas quiet, LoRA-only DDP."""
     if not is_distributed():
         return {}
-    import torch
+    from .hardware import cuda_available
 
     out: dict[str, Any] = {"log_level_replica": "error"}
-    if not torch.cuda.is_available():
+    if not cuda_available():
         out["use_cpu"] = True  # without it transformers stays NOT_PARALLEL on CPU (measured): N copies of one run
     if not fsdp_enabled():
         out["ddp_find_unused_parameters"] = False  # frozen base weights never get gradients: skip DDP's search

@@ -14,8 +14,12 @@ wait for it, then train beside it (lab_utils.distributed).
 from __future__ import annotations
 
 import sys
+from typing import TYPE_CHECKING
 
 from . import distributed as dist
+
+if TYPE_CHECKING:
+    from .training import TrainPlan
 
 __all__ = ["prepared_data", "main"]
 
@@ -32,12 +36,12 @@ def prepared_data(run, tokenizer):
     return load_prepared(run, tokenizer)
 
 
-def _check_fsdp(run, settings) -> None:
+def _check_fsdp(run, settings: TrainPlan) -> None:
     """LabError naming what to change when this launch is FSDP and the combination would not train QLoRA."""
-    from .defaults import detect_hardware
     from .errors import LabError
+    from .hardware import detect_hardware
 
-    problems = dist.fsdp_problems(run.cfg, settings, bf16=detect_hardware().bf16)
+    problems = dist.fsdp_problems(run.cfg, settings.sft, bf16=detect_hardware().bf16)
     if problems:
         more = f" (and {len(problems) - 1} more: fix this one and launch again)" if len(problems) > 1 else ""
         raise LabError(f"FSDP-QLoRA: {problems[0]}{more}")
@@ -84,18 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         _check_fsdp(run, settings)
     model, tokenizer = lab.load_for_training(
         run.cfg, path,
-        gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
-        attn_implementation=settings.get("_attn_implementation"),
+        gradient_checkpointing=bool(settings.sft.get("gradient_checkpointing")),
+        attn_implementation=settings.attn_implementation,
     )
     model.print_trainable_parameters()
     lab.show_table(lab.settings_table(run, settings, len(dataset["train"])), title="Training settings")
-    for reason in settings.get("_reasons", []):
+    for reason in settings.reasons:
         print("·", reason)
     lab.show_table(lab.memory_table(settings), title="Estimated peak memory")
-    trainer = lab.build_trainer(run, model, tokenizer, dataset, settings)
-    plan = lab.plan_resume(run, trainer, resume_from)
-    result = lab.train(run, trainer, plan)
-    lab.save_adapter(run, trainer)
+    trainer, callback = lab.build_trainer(run, model, tokenizer, dataset, settings)
+    plan = lab.plan_resume(run, trainer, callback, resume_from)
+    result = lab.train(run, trainer, callback, plan, settings)
+    lab.save_adapter(run, trainer, plan)
     print(f"{result.steps} steps; this session trained for {result.seconds / 60:.1f} min")
     if dist.is_main():
         lab.show_image(lab.plot_training(run))
