@@ -121,8 +121,9 @@ def check_checkpoint(ckpt: Path) -> str | None:
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "manifest unreadable"
-    for name in missing_required(files):
-        return f"manifest lacks {name}"
+    missing = missing_required(files)
+    if missing:
+        return f"manifest lacks {missing[0]}"
     for name, size in files.items():
         p = ckpt / name
         if not p.is_file():
