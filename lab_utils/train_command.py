@@ -30,7 +30,7 @@ def prepared_data(run, tokenizer):
     """Return the run's processed data; prepare it first, as 01_data does, when 01_data has not."""
     from .data import load_prepared, prepare
 
-    if not ((run.data_dir / "dataset").exists() and (run.data_dir / "data_report.json").exists()):
+    if not ((run.data_dir / "dataset").exists() and run.data_report_path.exists()):
         print("No processed data yet (01_data has not run here): preparing it as 01_data does")
         return prepare(run, tokenizer)
     return load_prepared(run, tokenizer)
