@@ -1,4 +1,4 @@
-"""Command line: `python -m lab_utils demo`, `... defaults ...` and `... dashboard [RUN_NAME] [--launch]`."""
+"""Command line: `python -m lab_utils demo`, `... train`, `... defaults ...` and `... dashboard [RUN_NAME] [--launch]`."""
 
 from __future__ import annotations
 
@@ -164,18 +164,22 @@ def defaults_cli(argv: list[str] | None = None) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lab_utils {demo | defaults [--gpu T4 --model-params 1.24e9 --max-length 2048 --json]"
+        print("usage: python -m lab_utils {demo | train [--resume-from checkpoint-N] | defaults [--gpu T4 --model-params 1.24e9 --max-length 2048 --json]"
               " | dashboard [RUN_NAME] [--launch]}")
         return 0
     if argv[0] == "demo":
         return demo()
+    if argv[0] == "train":  # also under torchrun / accelerate launch (lab_utils.train_command)
+        from .train_command import main as train
+
+        return train(argv[1:])
     if argv[0] == "defaults":
         return defaults_cli(argv[1:])
     if argv[0] == "dashboard":
         from .tracking import cli
 
         return cli(argv[1:])
-    print(f"✗ unknown command {argv[0]!r} — use demo, defaults or dashboard", file=sys.stderr)
+    print(f"✗ unknown command {argv[0]!r} — use demo, train, defaults or dashboard", file=sys.stderr)
     return 2
 
 

@@ -32,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .distributed import agree_any, barrier, is_main
 from .environment import free_gib, on_drive, pid_alive
 from .errors import LabError
 from .files import tmp_path, write_json
@@ -66,6 +67,15 @@ REQUIRED_FILES = (
     "rng_state.pth",
 )
 _NAME = re.compile(r"^checkpoint-(\d+)$")
+# Other names a required file has: several processes save one RNG state each (rng_state_0.pth, ...);
+# under FSDP the optimizer state is optimizer.bin.
+_ALSO = {"rng_state.pth": re.compile(r"^rng_state_\d+\.pth$"), "optimizer.pt": re.compile(r"^optimizer\.bin$")}
+
+
+def missing_required(names) -> list[str]:
+    """Return the REQUIRED_FILES that none of `names` (a checkpoint's file names) stands for."""
+    names = set(names)
+    return [f for f in REQUIRED_FILES if f not in names and not (f in _ALSO and any(_ALSO[f].match(n) for n in names))]
 
 
 HASH = "sha256"  # measured (bench/checkpoint_hash.py): faster than blake2b with OpenSSL's SHA extensions
@@ -91,7 +101,7 @@ def write_manifest(ckpt: Path, identity: dict[str, Any], extra: dict[str, Any] |
     """Write ckpt/lab_manifest.json listing every file, its size and sha256 (written last, atomically); return its path."""
     paths = [p for p in sorted(ckpt.rglob("*")) if p.is_file() and p.name != MANIFEST and not _is_tmp(p.name)]
     files = {str(p.relative_to(ckpt)): p.stat().st_size for p in paths}
-    missing = [f for f in REQUIRED_FILES if f not in files]
+    missing = missing_required(files)
     if missing:
         raise LabError(f"checkpoint {ckpt.name} is missing {missing} right after saving — disk full? Check free space")
     digests = {str(p.relative_to(ckpt)): file_digest(p) for p in paths}
@@ -111,9 +121,9 @@ def check_checkpoint(ckpt: Path) -> str | None:
             raise ValueError
     except (OSError, ValueError, KeyError, TypeError, RecursionError):
         return "manifest unreadable"
-    for name in REQUIRED_FILES:
-        if name not in files:
-            return f"manifest lacks {name}"
+    missing = missing_required(files)
+    if missing:
+        return f"manifest lacks {missing[0]}"
     for name, size in files.items():
         p = ckpt / name
         if not p.is_file():
@@ -495,21 +505,26 @@ class CheckpointCallback(_transformers_callback_base()):  # type: ignore[misc]
         return (time.monotonic() - self.start_time) / done if done > 0 else None
 
     def on_step_end(self, args, state, control, **kw):
-        if self.save_every and time.monotonic() - self.last_save >= self.save_every:
-            control.should_save = True
-        if control.should_save:
-            folder = Path(args.output_dir)
-            need = max(self.min_free_gib, 1.5 * self.last_checkpoint_bytes / 2**30)
-            free = free_gib(folder)
-            if free < need:
-                control.should_save = False
-                control.should_training_stop = True
-                self.stop_reason = (
-                    f"only {free:.2f} GiB free at {folder} (need ≈{need:.2f} GiB for the next checkpoint): "
-                    "training stopped before writing a broken checkpoint; the last complete one is intact — "
-                    "free space on Drive (empty its trash), then run 02_train again"
-                )
+        want = control.should_save or bool(self.save_every and time.monotonic() - self.last_save >= self.save_every)
+        full = want and self._no_space(Path(args.output_dir))
+        # several processes save and stop at the same step, or they wait for each other forever
+        want, stop, full = agree_any(want, control.should_training_stop, full)
+        control.should_save = want and not full
+        control.should_training_stop = stop or full
         return control
+
+    def _no_space(self, folder: Path) -> bool:
+        """Return True (keeping the reason for the one error line) when the next checkpoint would not fit."""
+        need = max(self.min_free_gib, 1.5 * self.last_checkpoint_bytes / 2**30)
+        free = free_gib(folder)
+        if free >= need:
+            return False
+        self.stop_reason = (
+            f"only {free:.2f} GiB free at {folder} (need ≈{need:.2f} GiB for the next checkpoint): "
+            "training stopped before writing a broken checkpoint; the last complete one is intact — "
+            "free space on Drive (empty its trash), then run 02_train again"
+        )
+        return True
 
     def on_evaluate(self, args, state, control, metrics=None, **kw):
         if metrics and "eval_loss" in metrics:
@@ -520,8 +535,9 @@ class CheckpointCallback(_transformers_callback_base()):  # type: ignore[misc]
         return control
 
     def finalize(self, ckpt: Path, state) -> None:
-        """Write the manifest of a just-saved checkpoint, then prune older ones."""
-        if not ckpt.exists():
+        """Write the manifest of a just-saved checkpoint, then prune older ones (the main process, once every process saved)."""
+        barrier()  # each process writes its own RNG state into the folder: the manifest lists them all
+        if not is_main() or not ckpt.exists():
             return
         extra: dict[str, Any] = {"global_step": state.global_step, "max_steps": state.max_steps}
         sps = self._seconds_per_step(state)

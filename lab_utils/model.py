@@ -11,6 +11,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from .distributed import fsdp_enabled, local_rank, quant_storage_dtype
 from .embedded import EMBEDDED_MODEL, is_embedded, resolve_model, tokenizer_dir
 from .errors import LabError
 
@@ -211,9 +212,12 @@ def load_base_model(cfg: dict, *, four_bit: bool | None = None, dtype=None, attn
             bnb_4bit_quant_type="nf4",  # NormalFloat4: the QLoRA paper's data type for normal-ish weights
             bnb_4bit_use_double_quant=True,  # quantize the quantization constants too (~0.4 bit/param saved)
             bnb_4bit_compute_dtype=cdtype,
+            bnb_4bit_quant_storage=quant_storage_dtype(cdtype),  # uint8; a float FSDP can shard under FSDP
         )
-    if cuda_available():
-        kwargs["device_map"] = {"": 0}
+    if fsdp_enabled():  # Accelerate places and shards the weights (rank 0 loads them, CPU-efficiently)
+        kwargs["dtype"] = kwargs["quantization_config"].bnb_4bit_quant_storage if four_bit else cdtype
+    elif cuda_available():
+        kwargs["device_map"] = {"": local_rank()}  # each process trains on its own GPU (0 in a notebook)
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
@@ -246,7 +250,10 @@ def add_lora(model, cfg: dict, *, gradient_checkpointing: bool = False):
     from transformers import set_seed
 
     set_seed(int(cfg["train"].get("seed", 42)))  # LoRA's random init, the same for the same seed in any process
-    if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+    if fsdp_enabled():  # no fp32 upcast of norms: FSDP shards units of one dtype (the 4-bit storage dtype)
+        for param in model.parameters():
+            param.requires_grad = False
+    elif getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     try:
         return get_peft_model(model, lora_config(cfg))

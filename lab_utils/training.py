@@ -16,6 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from . import distributed as dist
 from . import tracking
 from .checkpoints import (
     HASH,
@@ -138,6 +139,10 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
         if k in chosen and k not in user:
             sft[k] = chosen[k]
     kept = _keep_first_layout(run, sft, user)
+    kept += _keep_effective_batch(run, sft, user)
+    if dist.fsdp_enabled() and "optim" not in user:
+        sft["optim"] = "adamw_torch"  # peft: FSDP-QLoRA cannot checkpoint a paged/8-bit optimizer
+        kept.append("optim=adamw_torch: FSDP shards the optimizer state instead of paging it")
     plan = TrainPlan(
         sft=sft,
         attn_implementation=cfg["train"].get("attn_implementation") or chosen.get("attn_implementation"),
@@ -177,9 +182,37 @@ def _keep_first_layout(run, settings: dict, user: dict) -> list[str]:
     ]
 
 
-def effective_batch(settings: dict) -> int:
-    """Return micro-batch × accumulation steps."""
-    return int(settings.get("per_device_train_batch_size", 8)) * int(settings.get("gradient_accumulation_steps", 1))
+def effective_batch(settings: dict, processes: int | None = None) -> int:
+    """Return the rows per optimizer update: micro-batch × accumulation steps × processes (this launch's by default)."""
+    n = dist.world_size() if processes is None else processes
+    return int(settings.get("per_device_train_batch_size", 8)) * int(settings.get("gradient_accumulation_steps", 1)) * n
+
+
+def _keep_effective_batch(run, settings: dict, user: dict) -> list[str]:
+    """Split the run's effective batch over this launch's processes (accumulation adjusted); return the reason line.
+
+    The run's effective batch is the newest checkpoint's, else what one process would use: a run started
+    in a notebook continues under `torchrun` (and back) with the same updates.
+    """
+    from .checkpoints import read_manifest, scan_checkpoints
+
+    complete, _ = scan_checkpoints(run.checkpoints_dir)
+    saved = read_manifest(complete[-1][1]).get("identity", {}).get("effective_batch") if complete else None
+    micro = int(settings.get("per_device_train_batch_size", 8))
+    accum = int(settings.get("gradient_accumulation_steps", 1))
+    target = int(saved) if isinstance(saved, int) and saved > 0 else micro * accum
+    n = dist.world_size()
+    fixed = "gradient_accumulation_steps" in user  # the config's own accumulation is never adjusted
+    if micro * accum * n == target or (fixed and saved is None):
+        return []
+    micro, accum = dist.split_batch(target, n, micro, accum, micro_fixed="per_device_train_batch_size" in user,
+                                    accumulation_fixed=fixed)
+    settings.update(per_device_train_batch_size=micro, gradient_accumulation_steps=accum)
+    where = f"{complete[-1][1].name}'s" if saved else "the run's"
+    return [
+        f"micro-batch {micro} × accumulation {accum} × {n} process{'es' if n > 1 else ''} = {target}: "
+        f"{where} effective batch, kept for this process count"
+    ]
 
 
 def total_steps(settings: dict, n_rows: int) -> int:
@@ -188,7 +221,7 @@ def total_steps(settings: dict, n_rows: int) -> int:
         return int(settings["max_steps"])
     micro = int(settings.get("per_device_train_batch_size", 8))
     accum = int(settings.get("gradient_accumulation_steps", 1))
-    batches = math.ceil(n_rows / micro)
+    batches = math.ceil(n_rows / (micro * dist.world_size()))  # each process takes its share of the rows
     per_epoch = max(batches // accum + int(batches % accum > 0), 1)
     return int(math.ceil(per_epoch * float(settings.get("num_train_epochs", 1))))
 
@@ -203,7 +236,8 @@ def settings_table(run, plan: TrainPlan, n_rows: int) -> list[dict[str, Any]]:
         rows.append({"setting": f"lora.{key}", "value": value, "why": EXPLAIN.get(key, "")})
     rows.append({"setting": "model.max_length", "value": run.cfg["model"]["max_length"], "why": EXPLAIN["max_length"]})
     eb = effective_batch(settings)
-    rows.append({"setting": "effective batch", "value": eb, "why": "rows per optimizer update (micro × accumulation)"})
+    why = "rows per optimizer update (micro × accumulation" + (f" × {dist.world_size()} processes)" if dist.is_distributed() else ")")
+    rows.append({"setting": "effective batch", "value": eb, "why": why})
     rows.append({"setting": "total steps", "value": total_steps(settings, n_rows), "why": f"for {n_rows} training rows"})
     return rows
 
@@ -258,6 +292,18 @@ def _trainer_class():
                 )
             return sampler
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # Several CPU processes: transformers loads the optimizer state onto args.device, which accelerate
+            # names 'cpu:0', a location torch.load cannot restore to. 'cpu' is the same memory.
+            device = self.args.__dict__.get("_setup_devices")  # TrainingArguments.device's cached value
+            if not (isinstance(device, torch.device) and device.type == "cpu" and device.index is not None):
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            self.args.__dict__["_setup_devices"] = torch.device("cpu")
+            try:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                self.args.__dict__["_setup_devices"] = device
+
     return LabSFTTrainer
 
 
@@ -266,7 +312,7 @@ _LOCKS: dict[Path, RunLock] = {}  # run folder → the lock this process holds o
 
 def lock_run(run) -> None:
     """Take the run's trainer lock (once per process), or LabError naming the trainer that holds it."""
-    if run.dir in _LOCKS:
+    if run.dir in _LOCKS or not dist.is_main():  # one lock per run, held by the process that writes
         return
     check_checkpoints_folder(run.checkpoints_dir)
     lock = RunLock(run.dir)
@@ -304,6 +350,7 @@ def build_trainer(run, model, tokenizer, dataset, plan: TrainPlan) -> tuple[Any,
     keep = kwargs.pop("save_total_limit", 2)
     kwargs.setdefault("eval_steps", kwargs.get("save_steps"))
     kwargs = tracking.trainer_kwargs(run, kwargs)  # report_to checked; trackers write into the run folder
+    kwargs.update(dist.trainer_kwargs(kwargs))  # several processes: gloo on CPU, quiet replicas, LoRA-only DDP
     has_val = "validation" in dataset and len(dataset["validation"]) > 0
     args = SFTConfig(
         output_dir=str(run.checkpoints_dir),
@@ -367,7 +414,7 @@ def plan_resume(run, trainer, callback: CheckpointCallback, explicit: str | None
     """Return where training starts, printing the skipped folders and one line: resume or fresh start."""
     cb = callback
     try:
-        plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
+        plan = dist.from_main(lambda: choose_resume(run.checkpoints_dir, cb.identity, explicit))  # one choice for all
     except BaseException:
         unlock_run(run)
         raise
@@ -455,6 +502,9 @@ def train(run, trainer, callback: CheckpointCallback, plan: ResumePlan, settings
 
 def _move_out_of_the_way(run, plan: ResumePlan) -> None:
     """Move checkpoint folders past the resume point aside: the Trainer would write into them in place."""
+    if not dist.is_main():
+        plan.in_the_way = []
+        return
     for old, new in zip(plan.in_the_way, set_aside(run.dir, plan.in_the_way), strict=True):
         print(f"Moved {old.name} aside → {run.display(new)} (training from step {plan.step} would write into it in place)")
     plan.in_the_way = []
@@ -478,6 +528,13 @@ def _train_locked(run, trainer, callback: CheckpointCallback, plan: ResumePlan, 
         except Exception as e:  # only CUDA out-of-memory is handled; everything else propagates
             if not defaults.is_oom(e):
                 raise
+            if dist.is_distributed():  # the processes cannot rebuild their trainers in step: say what to set
+                micro = int(trainer.args.per_device_train_batch_size)
+                raise LabError(
+                    f"out of GPU memory at micro-batch {micro} in process {dist.rank()} — set "
+                    f"train.per_device_train_batch_size: {max(micro // 2, 1)} in the config (the effective batch "
+                    "is kept) and launch again: training continues from the last checkpoint"
+                ) from None
             old = {k: getattr(trainer.args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
                                                          "gradient_checkpointing")}
             smaller = defaults.backoff({**settings.sft, **old})
@@ -497,15 +554,16 @@ def _train_locked(run, trainer, callback: CheckpointCallback, plan: ResumePlan, 
             trainer, callback = _rebuild_after_oom(run, trainer, settings)
             plan = plan_resume(run, trainer, callback)
     _write_log_history(run, trainer)
-    if callback.stop_reason:
+    if callback.stop_reason and dist.is_main():  # the others stopped with it: one line
         raise LabError(callback.stop_reason)
     loss = getattr(out, "training_loss", None)
     return TrainResult(trainer.state.global_step, time.monotonic() - t0, plan.checkpoint.name if plan.checkpoint else None, loss)
 
 
 def _write_log_history(run, trainer) -> None:
-    """Write the Trainer's loss history to run/log_history.json (atomically)."""
-    write_json(run.dir / "log_history.json", trainer.state.log_history, indent=1)
+    """Write the Trainer's loss history to run/log_history.json (atomically; the main process)."""
+    if dist.is_main():
+        write_json(run.dir / "log_history.json", trainer.state.log_history, indent=1)
 
 
 def save_adapter(run, trainer, plan: ResumePlan | None = None) -> Path:
@@ -517,13 +575,17 @@ def save_adapter(run, trainer, plan: ResumePlan | None = None) -> Path:
     out = run.adapter_dir
     if plan is not None and plan.finished and _adapter_is(run, plan.checkpoint):
         return out
-    tmp = tmp_path(out)
+    finished = plan is not None and plan.finished
+    gathered = None if finished else _save_fsdp_adapter(trainer, out)  # under FSDP every process takes part
+    if not dist.is_main():  # the main process writes the adapter
+        return out
+    tmp = gathered or tmp_path(out)
     try:
-        if plan is not None and plan.finished:
+        if finished:
             tmp.mkdir()
             for name in ("adapter_model.safetensors", "adapter_config.json"):
                 shutil.copy2(plan.checkpoint / name, tmp / name)
-        else:
+        elif gathered is None:
             trainer.model.save_pretrained(str(tmp))
         trainer.processing_class.save_pretrained(str(tmp))
         if out.exists():
@@ -538,6 +600,17 @@ def save_adapter(run, trainer, plan: ResumePlan | None = None) -> Path:
     source = f" (from {plan.checkpoint.name})" if plan is not None and plan.finished else ""
     print(f"Saved adapter{source} → {run.display(out)}")
     return out
+
+
+def _save_fsdp_adapter(trainer, out: Path) -> Path | None:
+    """Under FSDP, gather the LoRA weights whole (peft's FULL_STATE_DICT at the end) into one shared temporary
+    folder, written by the main process; return it (None without FSDP)."""
+    if not getattr(trainer, "is_fsdp_enabled", False):
+        return None
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    folder = Path(dist.from_main(lambda: str(tmp_path(out))))  # one name for every process
+    trainer.save_model(str(folder))  # every process gathers; the main one writes adapter_model.safetensors
+    return folder
 
 
 def memory_table(plan: TrainPlan) -> list[dict[str, Any]]:
