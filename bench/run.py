@@ -392,6 +392,7 @@ def worker(
         bf16 = compute_dtype() == torch.bfloat16
         settings.update(bf16=bf16, fp16=not bf16)
     settings["disable_tqdm"] = True
+    settings["report_to"] = "none"  # the bench times training; tracking writes are no configuration's work
     gc = bool(settings.get("gradient_checkpointing"))
     rss_start = _maxrss_gib()
     model, tok = load_for_training(

@@ -267,7 +267,12 @@ class _Choice:
 
     @property
     def flash_capable(self) -> bool:
-        """Return True on a GPU that runs flash-attention kernels (capability >= 8.0)."""
+        """Return True on a GPU that runs flash-attention kernels (capability >= 8.0, flash-attn installed)."""
+        return self.flash_gpu and self.hardware.flash_attn
+
+    @property
+    def flash_gpu(self) -> bool:
+        """Return True on a GPU whose capability (>= 8.0) runs flash-attention kernels."""
         cap = self.hardware.capability
         return self.cuda and cap is not None and cap >= (8, 0)
 
@@ -433,6 +438,9 @@ def _padding(c: _Choice, attn_implementation: str | None) -> str:
         why = (
             f"attn_implementation={attn_implementation!r} is not flash-attention"
             if c.flash_capable
+            else f"{c.cap_text} runs flash-attention but the flash-attn package is not installed "
+            "(pip install flash-attn, then packing is chosen)"
+            if c.flash_gpu
             else f"{c.cap_text}: no flash-attention kernels"
             if c.cuda
             else f"{c.hardware.name}: no flash-attention"

@@ -6,6 +6,7 @@ the functions that read the device import it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 from dataclasses import dataclass
@@ -39,6 +40,10 @@ class Hardware:
     memory_gib: float  # total device memory; system RAM for cpu/mps
     capability: tuple[int, int] | None  # (7, 5) for a T4; None off CUDA
     bf16: bool  # capability >= (8, 0)
+    # The flash-attn package imports here (detect_hardware checks; a GPU named by hand assumes it).
+    # Without it transformers cannot load attn_implementation="flash_attention_2" (offline, the
+    # `kernels` fallback cannot download its kernel either), so packing would fail at model load.
+    flash_attn: bool = True
 
 
 # Memory is what torch.cuda.get_device_properties(0).total_memory reports, in GiB.
@@ -74,6 +79,7 @@ def detect_hardware() -> Hardware:
             memory_gib=round(props.total_memory / GIB, 2),
             capability=(major, minor),
             bf16=bf16_capable((major, minor)),
+            flash_attn=importlib.util.find_spec("flash_attn") is not None,
         )
     mps = getattr(torch.backends, "mps", None)
     if mps is not None and mps.is_available():

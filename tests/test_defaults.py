@@ -5,6 +5,8 @@ Pure arithmetic: no torch import, no GPU; the whole file runs in milliseconds.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import subprocess
 import sys
@@ -453,8 +455,23 @@ def test_detect_hardware_reads_capability_not_is_bf16_supported(monkeypatch):
     # torch.cuda.is_bf16_supported() says True on a T4 (emulated bf16); capability 7.5 says no
     monkeypatch.setitem(sys.modules, "torch", fake_torch("Tesla T4", (7, 5), 15_835_660_288, True))
     hw = detect_hardware()
-    assert hw == Hardware("cuda", "Tesla T4", 14.75, (7, 5), False)
+    assert hw == Hardware("cuda", "Tesla T4", 14.75, (7, 5), False, flash_attn=False)  # no flash-attn here
     assert profile_for(hw) == "colab-t4"
+
+
+def test_an_ampere_gpu_without_flash_attn_installed_gets_length_grouping_not_packing(monkeypatch):
+    # Measured on an H200 with no flash-attn package: packing's attn_implementation="flash_attention_2"
+    # failed at model load. Detection says whether the package is there; the chooser follows it.
+    monkeypatch.setitem(sys.modules, "torch", fake_torch("NVIDIA A100-SXM4-40GB", (8, 0), 42_474_471_424, True))
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "flash_attn" else object())
+    hw = detect_hardware()
+    assert (hw.bf16, hw.flash_attn) == (True, False)
+    s = choose(hw, **LLAMA_1B)
+    assert (s["packing"], s["padding_free"], s["attn_implementation"]) == (False, False, "sdpa")
+    assert s["train_sampling_strategy"] == "group_by_length"
+    assert any("flash-attn package is not installed" in r for r in s["reasons"])
+    with_package = choose(dataclasses.replace(hw, flash_attn=True), **LLAMA_1B)
+    assert (with_package["packing"], with_package["attn_implementation"]) == (True, "flash_attention_2")
 
 
 def test_detect_hardware_falls_back_to_cpu(monkeypatch):
