@@ -13,7 +13,7 @@ from typing import Any
 
 from .distributed import fsdp_enabled, local_rank, quant_storage_dtype
 from .embedded import EMBEDDED_MODEL, is_embedded, resolve_model, tokenizer_dir
-from .errors import LabError
+from .errors import LabError, problem
 
 __all__ = [
     "load_tokenizer",
@@ -103,6 +103,12 @@ def check_model_source(
 
 def _friendly_load_error(what: str, name: str, e: Exception) -> LabError:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if re.search(r"flash.?attention|flash_attn|attn_implementation", text, re.IGNORECASE):
+        # the attention kernel, not the name, is what failed (seen on a GPU without the flash-attn package)
+        return problem(
+            f"{what} {name!r} could not be loaded with its attention implementation", got=f"({text[:160]})",
+            fix="set train.attn_implementation: sdpa, or pip install flash-attn and restart the runtime",
+        )
     return LabError(
         f"{what} {name!r} could not be loaded ({text[:160]}) — check the spelling of the hub id or the folder, "
         "your connection, and HF_TOKEN for gated models"

@@ -71,3 +71,16 @@ def test_offline_is_parsed_once_for_models_and_datasets(monkeypatch, env, hub, d
         monkeypatch.setenv(name, value)
     assert environment.hub_offline() is hub
     assert environment.hub_offline(datasets=True) is datasets
+
+
+def test_a_failed_attention_kernel_is_named_with_its_fix_not_as_a_misspelt_model():
+    from lab_utils.model import _friendly_load_error
+
+    seen = ImportError(
+        "FlashAttention2 has been toggled on, but it cannot be used due to the following error: the package "
+        "for FlashAttention2 doesn't seem to be installed."
+    )
+    line = str(_friendly_load_error("model", "embedded:tiny-llama", seen))
+    assert "train.attn_implementation: sdpa" in line and "spelling" not in line
+    other = str(_friendly_load_error("model", "org/missing", OSError("404 Client Error")))
+    assert "spelling" in other
