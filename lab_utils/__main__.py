@@ -71,7 +71,7 @@ def _parse_params(text: str) -> float:
     """Return a parameter count from '1.24e9', '1240000000', '1.24B' or '135M'."""
     match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", text.lower())
     if not match:
-        raise argparse.ArgumentTypeError(f"not a parameter count: got {text!r}; fix: e.g. 1.24e9 or 1.24B")
+        raise argparse.ArgumentTypeError(f"not a parameter count: got {text!r} — e.g. 1.24e9 or 1.24B")
     scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]
     return float(match.group(1)) * scale
 
@@ -81,7 +81,7 @@ def _parse_set(text: str) -> tuple[str, Any]:
     key, sep, raw = text.partition("=")
     if not sep or not key:
         raise argparse.ArgumentTypeError(
-            f"--set needs KEY=VALUE: got {text!r}; fix: e.g. --set per_device_train_batch_size=4"
+            f"--set needs KEY=VALUE: got {text!r} — e.g. --set per_device_train_batch_size=4"
         )
     try:
         value = json.loads(raw)

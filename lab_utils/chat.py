@@ -479,8 +479,8 @@ def ensure_chat_template(tokenizer) -> bool:
         return False
     if not getattr(tokenizer, "eos_token", None):
         raise ValueError(
-            "Cannot add the default chat template: got a tokenizer without eos_token; "
-            "fix: set tokenizer.eos_token (it ends every turn) or give the tokenizer a chat_template"
+            "Cannot add the default chat template: got a tokenizer without eos_token — "
+            "set tokenizer.eos_token (it ends every turn) or give the tokenizer a chat_template"
         )
     tokenizer.chat_template = DEFAULT_CHAT_TEMPLATE
     return True
@@ -605,8 +605,8 @@ def _structured_spans(
         if a >= b and m.get("tool_calls"):
             raise RowError(
                 "tools_not_rendered",
-                f"the chat template writes nothing of assistant turn {i} (its tool calls); "
-                "fix: use a model whose chat template takes tools",
+                f"the chat template writes nothing of assistant turn {i} (its tool calls) — "
+                "use a model whose chat template takes tools",
             )
         if a >= b:
             return None  # the template writes nothing of this turn
@@ -720,8 +720,8 @@ def _assistant_mask(tokenizer, messages: list[dict], text: str, enc, tools: list
     if not spans:
         raise RowError(
             "template_rejected",
-            "the chat template rewrites assistant content so it cannot be located; "
-            "fix: use a template with {% generation %} markers",
+            "the chat template rewrites assistant content so it cannot be located — "
+            "use a template with {% generation %} markers",
         )
     eos = getattr(tokenizer, "eos_token", None)
     eots = [re.compile(re.escape(e) + "|" + r"\s*" + re.escape(e.strip())) for e in _end_of_turn(tokenizer)]
@@ -745,8 +745,8 @@ def _check_tools_rendered(text: str, messages: list[dict], tools: list[dict] | N
     if missing:
         raise RowError(
             "tools_not_rendered",
-            f"the chat template wrote no trace of {', '.join(map(repr, missing[:3]))}; "
-            "fix: use a model whose chat template takes tools",
+            f"the chat template wrote no trace of {', '.join(map(repr, missing[:3]))} — "
+            "use a model whose chat template takes tools",
         )
 
 

@@ -388,8 +388,8 @@ def _renamed_user_keys(c: _Choice, user: dict) -> dict:
         wanted = user.pop("group_by_length")
         user.setdefault("train_sampling_strategy", "group_by_length" if wanted else "random")
         c.warnings.append(
-            f"group_by_length={wanted!r} is not a field in transformers 5 (SFTConfig raises TypeError); "
-            f"fix: train_sampling_strategy: {user['train_sampling_strategy']} (used here)"
+            f"group_by_length={wanted!r} is not a field in transformers 5 (SFTConfig raises TypeError) — "
+            f"train_sampling_strategy: {user['train_sampling_strategy']} (used here)"
         )
     return user
 
@@ -552,24 +552,24 @@ def _warnings(c: _Choice, user: dict, final: MemoryEstimate, effective: int, cap
         c.warnings.append(_does_not_fit(c, user, final, effective, cap))
     if settings["bf16"] and not hw.bf16:
         c.warnings.append(
-            f"bf16=True but {hw.name} ({c.cap_text}) has no bf16: it is emulated or refused; "
-            f"fix: {'fp16: true, bf16: false' if cuda else 'bf16: false'}"
+            f"bf16=True but {hw.name} ({c.cap_text}) has no bf16: it is emulated or refused — "
+            f"{'fp16: true, bf16: false' if cuda else 'bf16: false'}"
         )
     if settings["fp16"] and not cuda:
-        c.warnings.append(f"fp16=True on {hw.name}: fp16 mixed precision needs CUDA; fix: fp16: false")
+        c.warnings.append(f"fp16=True on {hw.name}: fp16 mixed precision needs CUDA — fp16: false")
     if settings["fp16"] and settings["bf16"]:
-        c.warnings.append("fp16=True and bf16=True: pick one; fix: keep bf16 where the GPU has it, else fp16")
+        c.warnings.append("fp16=True and bf16=True: pick one — keep bf16 where the GPU has it, else fp16")
     if not cuda and "paged" in optim:
-        c.warnings.append(f"optim={optim} on {hw.name}: paged optimizers need CUDA; fix: optim: adamw_torch")
+        c.warnings.append(f"optim={optim} on {hw.name}: paged optimizers need CUDA — optim: adamw_torch")
     if settings["padding_free"] and not settings["packing"]:
         c.warnings.append(
-            "padding_free=True without packing: TRL 1.14 raises ValueError while max_length is set; "
-            "fix: packing: true (packing_strategy: bfd), or max_length: null with rows truncated beforehand"
+            "padding_free=True without packing: TRL 1.14 raises ValueError while max_length is set — "
+            "packing: true (packing_strategy: bfd), or max_length: null with rows truncated beforehand"
         )
     if (settings["padding_free"] or settings["packing"]) and not _uses_flash(attn):
         c.warnings.append(
             f"padding_free/packing with attn_implementation={attn!r}: correct in transformers 5.17 only through a "
-            f"dense (micro x len)^2 mask, slow and memory-hungry; fix: "
+            f"dense (micro x len)^2 mask, slow and memory-hungry — "
             + (
                 "load the model with attn_implementation='flash_attention_2'"
                 if c.flash_capable
@@ -597,7 +597,7 @@ def _does_not_fit(c: _Choice, user: dict, final: MemoryEstimate, effective: int,
     )
     return (
         f"does not fit: {what} needs ~{final.total_gib:.1f} GiB, {c.hardware.name} has "
-        f"{c.hardware.memory_gib:.1f} GiB (plan {c.budget:.1f}); fix: {fix}"
+        f"{c.hardware.memory_gib:.1f} GiB (plan {c.budget:.1f}) — {fix}"
     )
 
 

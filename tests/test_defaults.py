@@ -197,7 +197,7 @@ def test_user_micro_batch_that_does_not_fit_wins_and_warns_with_the_fix():
     [warning] = s["warnings"]
     assert warning.startswith("does not fit: per_device_train_batch_size=16 needs ~")
     assert "Tesla T4 has 14.8 GiB" in warning
-    assert "fix: per_device_train_batch_size=2 with gradient_accumulation_steps=8" in warning
+    assert "— per_device_train_batch_size=2 with gradient_accumulation_steps=8" in warning
 
 
 def test_user_settings_that_fit_give_no_warning():
@@ -216,7 +216,7 @@ def test_user_settings_that_fit_give_no_warning():
 def test_bf16_on_a_t4_warns():
     s = choose(hardware_from_name("T4"), **LLAMA_1B, user={"bf16": True, "fp16": False})
     assert s["bf16"] is True
-    assert any("has no bf16" in w and "fix: fp16: true, bf16: false" in w for w in s["warnings"])
+    assert any("has no bf16" in w and "— fp16: true, bf16: false" in w for w in s["warnings"])
 
 
 def test_old_group_by_length_key_is_translated_with_a_warning():
@@ -230,7 +230,7 @@ def test_a_model_too_big_for_the_gpu_warns_with_a_shorter_max_length():
     s = choose(hardware_from_name("T4"), model_params=8.03e9, max_length=8192)
     assert s["per_device_train_batch_size"] == 1 and s["gradient_checkpointing"] is True
     [warning] = s["warnings"]
-    assert "even micro-batch 1" in warning and "fix: max_length: " in warning
+    assert "even micro-batch 1" in warning and "— max_length: " in warning
 
 
 def test_user_chunked_loss_lets_the_t4_take_a_bigger_micro_batch():
