@@ -74,8 +74,10 @@ def check_model_source(
                 f"{key} {name!r} is not a folder on this machine{hint} and not a hub id (owner/name) — "
                 "check the path, or use a hub id such as unsloth/Llama-3.2-1B-Instruct"
             )
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return  # converted once to a model folder (lab_utils.gguf_source)
         if not path.is_dir():
-            raise LabError(f"{key} {name!r} is a file — point it at the folder that holds {need[0]}")
+            raise LabError(f"{key} {name!r} is a file — point it at the folder that holds {need[0]}, or at a .gguf file")
         if not any((path / f).is_file() for f in need):
             raise LabError(
                 f"{key} folder {name!r} has no {' or '.join(need)} — point it at a folder written by "
