@@ -85,6 +85,7 @@ def convert_gguf(src: Path, out: Path) -> Path:
         token = _token(tok, ids, key)
         if token is not None and getattr(tok, f"{key}_token") != token:
             setattr(tok, f"{key}_token", token)
+    tok.clean_up_tokenization_spaces = False  # the GGUF loader turns it on; for a BPE vocabulary it eats spaces
     # de-quantized on load: what is saved are plain float32 weights, so it must not say "gguf" any more
     model.hf_quantizer = None
     model.is_quantized = False
