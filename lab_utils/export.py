@@ -594,6 +594,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+LOCAL = "a local model"  # what the card says instead of a path, a file or an embedded: name
+
+
+def _public(v: Any) -> Any:
+    """Return v, or "(a local path)" for a string that names a file or folder on this machine: never published."""
+    if isinstance(v, str) and ("/" in v or "\\" in v) and (v.startswith(("/", "~", ".")) or Path(v).expanduser().exists()):
+        return "(a local path)"
+    return v
+
+
 def _is_secret(key: str, value: Any = None) -> bool:
     """Return True for entries that may hold credentials (never written to the card): config.is_secret decides."""
     from .config import is_secret
@@ -638,7 +648,13 @@ def write_model_card(
         mfile = out_dir.parent / "eval" / "metrics.json"
         if mfile.is_file():
             metrics = json.loads(mfile.read_text())
-    flat = {k: v for k, v in _flatten(config or {}).items() if not _is_secret(k, v)}
+    from .model import hub_model_id
+
+    hub = hub_model_id(base_model)
+    flat = {k: _public(v) for k, v in _flatten(config or {}).items() if not _is_secret(k, v)}
+    for key in ("model.name", "model.tokenizer"):
+        if flat.get(key) and not hub_model_id(flat[key]):
+            flat[key] = LOCAL
     lora, data_cfg, train = {}, {}, {}
     for k, v in flat.items():
         parts = k.lower().split(".")
@@ -653,11 +669,13 @@ def write_model_card(
     exported = {p for p in EXPORT_PARTS if (out_dir / p).exists()}
     if "gguf" in exported:
         tags.append("gguf")
-    front = {"base_model": base_model, "library_name": "peft", "pipeline_tag": "text-generation", "tags": tags}
+    # base_model only as a hub id: the Hub links it; a path, a .gguf file or embedded: is nothing to link
+    front = {**({"base_model": hub} if hub else {}), "library_name": "peft", "pipeline_tag": "text-generation",
+             "tags": tags}
+    base_ref = f"for [`{hub}`](https://huggingface.co/{hub})" if hub else "trained from a local model (not on the Hub)"
     s: list[str] = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", ""]
     s += [f"# {run_name}", "",
-          f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), trained with QLoRA "
-          "(4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
+          f"A LoRA adapter {base_ref}, trained with QLoRA (4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
     file_lines = {
         "adapter": "- `adapter/` - the LoRA adapter: `PeftModel.from_pretrained("
                    "AutoModelForCausalLM.from_pretrained(base), repo, subfolder='adapter')`",
@@ -667,12 +685,13 @@ def write_model_card(
                 + (", ".join(f"`{g.name}`" for g in _finished(out_dir / "gguf", "*.gguf")) or "f16, q8_0"),
     }
     s += ["## Files", "", *(file_lines[p] for p in EXPORT_PARTS if p in exported or not exported), ""]
-    s += ["## Base model", "", f"`{base_model}`, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
+    what = f"`{hub}`" if hub else "Trained from a local model (a file or folder on the training machine, not a Hub id)"
+    s += ["## Base model", "", f"{what}, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
     s += ["## Data", ""]
     if data_cfg:
         s += [_table(data_cfg), ""]
     if data_report:
-        rows = {k: v for k, v in _flatten(data_report).items()
+        rows = {k: _public(v) for k, v in _flatten(data_report).items()
                 if not _is_secret(k, v) and not (isinstance(v, (list, tuple)) and len(v) > 12)}
         s += ["Data report summary:", "", _table(dict(list(rows.items())[:40]), ("item", "value")), ""]
     if not data_cfg and not data_report:
@@ -692,7 +711,7 @@ def write_model_card(
           "- Small model, short training: it can be confidently wrong, repeat itself or drift off-topic; "
           "check anything that matters.",
           "- Not evaluated for safety, bias or toxicity; it inherits the base model's limitations and license "
-          f"(see `{base_model}`).",
+          f"(see {f'`{hub}`' if hub else 'its own card'}).",
           "- Use the chat template saved with the tokenizer; other prompt formats will work worse.",
           "- GGUF q8_0/q4_k_m files are quantized: expect small differences from the 16-bit model.", ""]
     return _write_text_atomic(out_dir / "README.md", "\n".join(s))
@@ -873,11 +892,12 @@ def export_card(run: Any) -> Path:
     """Write export/README.md from the run's config, data report and eval metrics; return its path."""
     report = run.data_dir / "data_report.json"
     metrics = run.eval_dir / "metrics.json"
+    swept = (run.dir / "sweep").is_dir() and any((run.dir / "sweep").glob("trial-*"))
     card = write_model_card(
         run.export_dir,
         run_name=run.name,
         base_model=run.cfg["model"]["name"],
-        config=run.cfg,
+        config={k: v for k, v in run.cfg.items() if swept or k != "sweep"},  # settings of a sweep that never ran: out
         metrics=json.loads(metrics.read_text()) if metrics.is_file() else None,
         data_report=_report_without_rows(json.loads(report.read_text())) if report.is_file() else None,
     )

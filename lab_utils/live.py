@@ -161,10 +161,13 @@ class LiveView(TrainerCallback):
         self.total = self.start_step = 0
         self.t0 = self.last_shown = 0.0
         self.session_from = 0
+        self.tokens_before = 0.0
         self.note = ""
 
     def _status(self, step: int) -> Status:
         tokens = _last(self.history[self.session_from:], "num_tokens")
+        if tokens is not None:  # num_tokens counts the whole run (a resumed run too): this session's share
+            tokens -= self.tokens_before
         return status(self.history, step, self.total, elapsed=self.clock() - self.t0,
                       steps_done=step - self.start_step, tokens=tokens)
 
@@ -183,6 +186,7 @@ class LiveView(TrainerCallback):
         self.total, self.start_step, self.t0 = int(state.max_steps), int(state.global_step), self.clock()
         self.history = [dict(h) for h in state.log_history if "step" in h]  # from the checkpoint when resumed
         self.session_from = len(self.history)
+        self.tokens_before = _last(self.history, "num_tokens") or 0.0
         earlier = sum("loss" in h for h in self.history)
         self.note = (f"continued from step {self.start_step}: the curve includes {earlier} logged steps from before"
                      if self.start_step else "")

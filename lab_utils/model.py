@@ -26,6 +26,7 @@ __all__ = [
     "remote_code",
     "loaded_base",
     "unsloth_lora_kwargs",
+    "hub_model_id",
 ]
 
 def model_source(cfg: dict) -> str:
@@ -52,6 +53,13 @@ def remote_code(cfg: dict) -> bool:
 
 def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def hub_model_id(name: str | None) -> str | None:
+    """Return `name` when it is a hub id (owner/name) naming nothing on this machine; None for embedded, paths, files."""
+    if not isinstance(name, str) or is_embedded(name) or _looks_local(name) or Path(name).expanduser().exists():
+        return None
+    return name if _HUB_ID.match(name) else None
 
 
 def check_model_source(

@@ -229,6 +229,26 @@ def _data_fingerprint(run) -> str | None:
     return None
 
 
+def session_start(history: list[dict], step: int) -> tuple[int, float, float]:
+    """Return (step, sum of per-step training losses up to it, tokens trained up to it) from a run's log history.
+
+    Each logged `loss` is the mean over the steps since the previous log; steps after the last log (a
+    checkpoint between two logs) count at the last logged mean.
+    """
+    total, prev, last, tokens = 0.0, 0, None, 0.0
+    for h in history:
+        if h.get("step", 0) > step:
+            break
+        if "loss" in h:
+            total += float(h["loss"]) * (h["step"] - prev)
+            prev, last = h["step"], float(h["loss"])
+        if "num_tokens" in h:
+            tokens = float(h["num_tokens"])
+    if last is not None and prev < step:
+        total += last * (step - prev)
+    return step, total, tokens
+
+
 def _trainer_class():
     """Return SFTTrainer with length grouping made resumable: each epoch's order depends on (seed, epoch) only."""
     import torch
@@ -250,6 +270,25 @@ def _trainer_class():
             return super().__iter__()
 
     class LabSFTTrainer(SFTTrainer):
+        # After a resume, transformers divides this session's loss sum by all steps (train_loss = mean × share)
+        # and TRL counts num_tokens from zero: both are made the whole run's from the checkpoint's log history.
+        lab_session: tuple[int, float, float] | None = None
+
+        def training_step(self, *args, **kwargs):
+            if self.lab_session is None:  # the first step in this process: the history holds what came before
+                self.lab_session = session_start(self.state.log_history, self.state.global_step)
+                if hasattr(self, "_total_train_tokens"):
+                    self._total_train_tokens += self.lab_session[2]
+            return super().training_step(*args, **kwargs)
+
+        def log(self, logs, start_time=None):
+            if "train_loss" in logs and self.lab_session and self.state.global_step:
+                logs["train_loss"] += self.lab_session[1] / self.state.global_step
+            super().log(logs, start_time)
+
+        def create_model_card(self, *args, **kwargs):
+            return None  # 04_export writes the run's card; TRL's checkpoints/README.md named its base "None"
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if type(sampler) is LengthGroupedSampler:
@@ -507,7 +546,8 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
     _write_log_history(run, trainer)
     if trainer._lab_callback.stop_reason:
         raise LabError(trainer._lab_callback.stop_reason)
-    loss = getattr(out, "training_loss", None)
+    loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
+                getattr(out, "training_loss", None))  # the whole run's, also after a resume (LabSFTTrainer.log)
     return TrainResult(trainer.state.global_step, time.monotonic() - t0, plan.checkpoint.name if plan.checkpoint else None, loss)
 
 
