@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["LiveView", "Status", "live_mode", "status", "format_line", "render_html"]
+__all__ = ["LiveView", "Status", "live_mode", "status", "format_line", "render_html", "expected_time_line"]
 
 MODES = ("notebook", "lines", "off")
 
@@ -98,6 +98,13 @@ def format_line(s: Status) -> str:
     return " · ".join(f"{k} {v}" if k != "step" else f"step {v}" for k, v in _cells(s).items())
 
 
+def expected_time_line(seconds_per_step: float, steps_left: int) -> str:
+    """Return the one line said once early in training: the measured time per step and the time the rest will take."""
+    end = time.strftime("%H:%M", time.localtime(time.time() + seconds_per_step * steps_left))
+    return (f"Expected time: {seconds_per_step:.1f} s per step (steps 2–3 timed) → about "
+            f"{_duration(seconds_per_step * steps_left)} for the {steps_left} steps left (done near {end})")
+
+
 def _plot_png(history: list[dict], title: str, resumed_at: int = 0) -> bytes | None:
     """Return a small PNG of training and validation loss against step (learning rate on a second axis)."""
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
@@ -162,6 +169,7 @@ class LiveView(TrainerCallback):
         self.t0 = self.last_shown = 0.0
         self.session_from = 0
         self.tokens_before = 0.0
+        self.timed_from: float | None = None
         self.note = ""
 
     def _status(self, step: int) -> Status:
@@ -186,6 +194,7 @@ class LiveView(TrainerCallback):
         self.total, self.start_step, self.t0 = int(state.max_steps), int(state.global_step), self.clock()
         self.history = [dict(h) for h in state.log_history if "step" in h]  # from the checkpoint when resumed
         self.session_from = len(self.history)
+        self.timed_from = 0.0
         self.tokens_before = _last(self.history, "num_tokens") or 0.0
         earlier = sum("loss" in h for h in self.history)
         self.note = (f"continued from step {self.start_step}: the curve includes {earlier} logged steps from before"
@@ -199,6 +208,16 @@ class LiveView(TrainerCallback):
         first = render_html(self._status(self.start_step), self.history, self.title, self.note, self.start_step)
         self.handle = display(HTML(first), display_id=True)
         self.last_shown = self.clock()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if not state.is_world_process_zero or self.mode == "off" or self.timed_from is None:
+            return
+        done = state.global_step - self.start_step
+        if done == 1:  # the first step carries start-up costs: time the next two
+            self.timed_from = self.clock()
+        elif done == 3:
+            print(expected_time_line((self.clock() - self.timed_from) / 2, self.total - state.global_step), flush=True)
+            self.timed_from = None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.mode == "off" or not logs:

@@ -308,3 +308,23 @@ def test_killed_and_resumed_run_tracks_every_step_exactly_once(tmp_path):
     hist = json.loads((run_dir / "log_history.json").read_text())
     assert [(h["step"], h["loss"]) for h in tracking.history(run) if "loss" in h] == \
         [(h["step"], h["loss"]) for h in hist if "loss" in h]
+
+
+def test_one_expected_time_line_from_steps_two_and_three_and_tokens_per_second_of_this_session(args, capsys):
+    from transformers import TrainerControl
+
+    clock = Clock()
+    view = LiveView(title="r", mode="lines", clock=clock)
+    state, control = _resumed_state(), TrainerControl()  # resumed at step 4 of 10
+    state.log_history[-2]["num_tokens"] = 4000.0  # the whole run's count at the checkpoint
+    view.on_train_begin(args, state, control)
+    capsys.readouterr()
+    for step, seconds in ((5, 30.0), (6, 4.0), (7, 4.0), (8, 4.0)):  # the first step is slow (start-up)
+        clock.now += seconds
+        state.global_step = step
+        view.on_step_end(args, state, control)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Expected time: 4.0 s per step (steps 2–3 timed) → about 0:12 "
+                                                   "for the 3 steps left")
+    view.on_log(args, state, control, logs={"loss": 1.0, "num_tokens": 4000.0 + 4200.0})
+    assert "tokens/s 100 ·" in capsys.readouterr().out  # 4,200 tokens in this session's 42 s, not the run's 8,200
