@@ -34,6 +34,7 @@ import math
 import os
 import random
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,8 @@ __all__ = [
     "train_references",
     "prompt_and_reference",
     "eval_sample",
+    "validation_sample",
+    "loss_note",
     "adapter_hash",
     "evaluate_run",
     "metrics_table",
@@ -85,8 +88,11 @@ METRICS = {
     "reference's; regex_found: share of answers where the pattern matches at all",
     "tool_call": "tool_call_match: share of answers that call the reference's functions with its arguments "
     "(names and parsed JSON arguments equal); tool_call_parsed: share of answers that hold a call",
+    "overlap": "token_f1 and rouge_l: word overlap with the reference (free-form answers; read the generations "
+    "side by side too)",
     "auto": "price when every reference holds a $ amount, number when every reference is a bare number, "
-    "tool_call when every reference is a tool call, else exact_match",
+    "tool_call when every reference is a tool call, exact_match when every reference is short (≤ 5 words: "
+    "labels, names), else overlap",
 }
 _NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _BARE_NUMBER_RE = re.compile(r"^\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*$")
@@ -189,6 +195,10 @@ def task_metrics(predictions: list[str], references: list[str], kind: str = "pri
     if kind == "number":
         rx = _check_pattern(pattern, kind)
         return _mae(predictions, references, lambda t: parse_number(t, rx.pattern if rx else None), "number")
+    if kind == "overlap":
+        from .overlap import overlap_scores
+
+        return overlap_scores(predictions, references)
     if kind == "exact_match":
         hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
         return {"exact_match": hits / len(references)}
@@ -229,7 +239,9 @@ def metric_kind(cfg: dict, references: list[str]) -> str:
         return "number"
     if references and all(parse_tool_calls(r) for r in references):
         return "tool_call"
-    return "exact_match"
+    from .overlap import closed_answers
+
+    return "exact_match" if closed_answers(references) or not references else "overlap"
 
 
 def lower_is_better(name: str) -> bool:
@@ -542,6 +554,35 @@ def eval_sample(n_rows: int, max_rows: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_rows), int(max_rows)))
 
 
+def validation_sample(cfg: dict, val):
+    """Return the validation rows that are scored (03 and the loss during training alike): eval.rows of them, seeded."""
+    rows = cfg.get("eval", {}).get("rows")
+    idx = eval_sample(len(val), rows, int(cfg.get("data", {}).get("seed", 42)))
+    return val if len(idx) == len(val) else val.select(idx)
+
+
+def loss_note(run, metrics: dict) -> str | None:
+    """Return one sentence relating 03's tuned loss to the trainer's last eval_loss (why they differ), or None."""
+    try:
+        history = json.loads((run.dir / "log_history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    evals = [h for h in history if "eval_loss" in h and "step" in h]
+    if not evals or "tuned" not in metrics:
+        return None
+    last, ours = evals[-1], float(metrics["tuned"]["loss"])
+    steps = [h["step"] for h in history if "step" in h]
+    final = max(steps) if steps else last["step"]
+    gap = abs(float(last["eval_loss"]) - ours) / max(ours, 1e-9)
+    why = ("the trainer averages per-batch means (rows with long answers weigh less), 03 takes one mean over "
+           f"all {metrics.get('tokens', '?')} answer tokens of the same {metrics.get('rows', '?')} rows")
+    if last["step"] != final:
+        why += f", and the trainer's was measured at step {last['step']}, before the final step {final}"
+    agree = "agrees with" if gap < 0.005 else f"differs by {gap:.1%} from"
+    return (f"Validation loss: 03's {ours:.4f} for the final adapter {agree} the trainer's eval_loss "
+            f"{float(last['eval_loss']):.4f} (step {last['step']}) — {why}.")
+
+
 BASELINE_TRAIN_ROWS = 20_000  # a seeded sample this large pins a median or a most frequent answer
 
 
@@ -569,6 +610,7 @@ class _Parts:
         self.folder = folder
         self.reused: list[str] = []
         self.computed: list[str] = []
+        self.seconds: dict[str, float] = {}
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -589,7 +631,9 @@ class _Parts:
             return value
         except (OSError, ValueError, KeyError):
             pass
+        t0 = time.monotonic()
         value = compute()
+        self.seconds[label] = time.monotonic() - t0
         self.folder.mkdir(parents=True, exist_ok=True)
         tmp = tmp_path(self.path(key))
         tmp.write_text(json.dumps({"label": label, "value": value}))
@@ -627,14 +671,14 @@ def _scores(loss: dict, preds: list[str], refs: list[str], kind: str, pattern: s
 def evaluate_run(
     run,
     *,
-    max_rows: int | None = 200,
+    max_rows: int | None = None,
     batch_size: int = 16,
     max_batch_tokens: int = 4096,
     metric: Callable[[list[str], list[str]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Return (and save to eval/) base vs tuned loss, perplexity and task metric, plus every checkpoint's loss.
 
-    max_rows: validation rows evaluated (a seeded sample; None = all). batch_size / max_batch_tokens:
+    max_rows: validation rows evaluated (a seeded sample); None: eval.rows (null there = all). batch_size / max_batch_tokens:
     rows and padded tokens per forward pass (lower them on an out-of-memory error). metric: an
     extra task metric, a function (predictions, references) → {name: value} (names ending in _mae
     or _error are lower-is-better).
@@ -657,7 +701,7 @@ def evaluate_run(
     val = prepared["validation"]
     if len(val) == 0:
         raise LabError("the validation split is empty — raise data.val_fraction and run 01_data again")
-    rows_idx = eval_sample(len(val), max_rows, seed)
+    rows_idx = eval_sample(len(val), ev.get("rows") if max_rows is None else max_rows, seed)  # = validation_sample
     ds = val.select(rows_idx)
     fp = _validation_fingerprint(ds, cfg)
     prompts, refs = map(list, zip(*[prompt_and_reference(m) for m in ds["messages"]], strict=True))
@@ -672,6 +716,8 @@ def evaluate_run(
 
     tuned_hash = adapter_hash(run.adapter_dir)
     checkpoints = [(step, p, adapter_hash(p)) for step, p in scan_checkpoints(run.checkpoints_dir)[0]]
+    if ev.get("checkpoints", "all") == "none":  # base and final only: each checkpoint costs one more loss pass
+        checkpoints = [c for c in checkpoints if c[2] == tuned_hash]
     parts = _Parts(run.eval_dir / "cache")
 
     def loss_key(h: str) -> str:
@@ -683,6 +729,10 @@ def evaluate_run(
     planned = [("base loss", loss_key("base")), ("tuned loss", loss_key(tuned_hash))]
     planned += [(f"{p.name} loss", loss_key(h)) for _, p, h in checkpoints if h != tuned_hash]
     planned += [("base answers", gen_key("base")), ("tuned answers", gen_key(tuned_hash))]
+    n_loss = len(planned) - 2
+    print(f"Work: {n_loss} loss passes and 2 generation passes (≤ {max_new} new tokens) over {len(ds)} rows, plus "
+          "the best checkpoint's answers if it is not the final adapter — bounded by eval.rows, eval.max_new_tokens "
+          "and eval.checkpoints (all | none)")
     cached = [label for label, key in planned if parts.has(key)]
     if cached:
         print(f"Reusing {len(cached)} of {len(planned)} finished parts from {run.display(parts.folder)}: {', '.join(cached)}")
@@ -801,8 +851,12 @@ def evaluate_run(
     tmp = tmp_path(run.eval_dir / "generations.jsonl")
     tmp.write_text("\n".join(lines) + "\n")
     os.replace(tmp, run.eval_dir / "generations.jsonl")
+    results["seconds"] = {k: round(v, 1) for k, v in parts.seconds.items()}
     _write_json(run.eval_dir / "metrics.json", results)
     print(f"Saved metrics → {run.display(run.eval_dir / 'metrics.json')}")
+    if parts.seconds:
+        spent = ", ".join(f"{k} {v:.0f} s" for k, v in parts.seconds.items())
+        print(f"Evaluation took {sum(parts.seconds.values()):.0f} s ({spent})")
     return results
 
 

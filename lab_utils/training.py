@@ -356,6 +356,7 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
         **kwargs,
     )
     ck = run.cfg.get("checkpoint", {})
+    from .evaluation import validation_sample
     from .model import loaded_base
 
     callback = CheckpointCallback(
@@ -368,7 +369,7 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
         model=model,
         args=args,
         train_dataset=dataset["train"],
-        eval_dataset=dataset["validation"] if has_val else None,
+        eval_dataset=validation_sample(run.cfg, dataset["validation"]) if has_val else None,  # 03's rows too
         processing_class=tokenizer,
         callbacks=[callback],
     )
