@@ -470,3 +470,17 @@ def test_model_card_lists_sweep_settings_only_when_a_sweep_ran(tmp_path: Path) -
     assert "sweep." not in export.export_card(run).read_text()
     (run_dir / "sweep" / "trial-000-lr2e-4").mkdir(parents=True)
     assert "`sweep.space.lora.r` | 8, 32" in export.export_card(run).read_text()
+
+
+def test_converter_warnings_that_change_nothing_are_explained_and_per_tensor_lines_hidden() -> None:
+    from lab_utils.export import converter_line
+
+    assert converter_line("INFO:hf-to-gguf:blk.9.attn_v.weight,        torch.float16 --> F16, shape = {576, 192}") is None
+    rope = converter_line("WARNING:hf-to-gguf:Unknown RoPE type: default")
+    assert rope.startswith("note: transformers 5 names plain RoPE 'default'") and "'none'" in rope
+    dup = converter_line("WARNING:gguf.gguf_writer:Duplicated key name 'tokenizer.ggml.add_bos_token', "
+                         "overwriting it with new value False of type BOOL")
+    assert dup.startswith("note: the converter set tokenizer.ggml.add_bos_token twice") and "keeps False" in dup
+    # anything else is shown as it is, an unknown RoPE type included
+    for line in ("WARNING:hf-to-gguf:Unknown RoPE type: mystery", "INFO:hf-to-gguf:Set model tokenizer"):
+        assert converter_line(line) == line
