@@ -82,6 +82,7 @@ EXAMPLES_PER_REASON = 3
 MALFORMED = "__lab_malformed_json__"  # column that marks a JSONL line that was not a JSON object
 AUTO_NUM_PROC_ROWS = 20_000  # below this, worker start-up costs more than it saves
 # Words in a file's name that put it in a split (datasets' own convention): the rest is training data.
+SMALL_VALIDATION = 10  # fewer validation rows than this: a warning (one row's answer is the whole score)
 _SPLIT_WORDS = {"validation": ("validation", "valid", "val", "dev", "eval"), "test": ("test",)}
 # What to do when a reason dominates the dropped rows (the stop message names the top reason's fix).
 _FIXES = {
@@ -875,6 +876,7 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
         _check_tool_template(cfg, tokenizer)
 
     reasons: Counter = Counter()
+    unknown_roles: Counter = Counter()  # the role names to map, for the stop line
     examples: dict[str, list] = {}
     truncated: dict[str, Any] = {"rows": 0, "examples": []}
     kept_splits = {}
@@ -922,6 +924,8 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
             if drop:
                 reason, detail, excerpt = drop.split("\t", 2)
                 reasons[reason] += 1
+                if reason == "unknown_role" and (m := re.search(r"unknown role ('.*?'|\".*?\")", detail)):
+                    unknown_roles[m.group(1)] += 1
                 ex = examples.setdefault(reason, [])
                 if len(ex) < EXAMPLES_PER_REASON:
                     ex.append({"split": split, "row": int(row), "detail": detail, "excerpt": excerpt})
@@ -977,6 +981,10 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     stop = None
     top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
     fix = _FIXES.get(reasons.most_common(1)[0][0] if reasons else "", "fix the data")
+    if reasons and reasons.most_common(1)[0][0] == "unknown_role" and unknown_roles:
+        names = [r for r, _ in unknown_roles.most_common()]
+        fix = (f"map the role names {', '.join(names[:8])}{' …' if len(names) > 8 else ''} with data.role_map, "
+               f"e.g. data.role_map: {{{names[0]}: assistant}} (each to system, user or assistant)")
     if kept == 0:
         stop = f"no usable rows left in {d['path']!r}: all {total_in} dropped ({top}) — {fix}"
     elif share > float(d.get("max_drop_fraction", 0.5)):
@@ -1016,6 +1024,9 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
         f"Splits: {report['splits']['train']} train, {report['splits']['validation']} validation "
         f"({report['validation_from']})"
     )
+    if report["splits"]["validation"] < SMALL_VALIDATION:
+        print(f"⚠ only {report['splits']['validation']} validation row(s): validation loss and 03's scores will swing "
+              "with every row — raise data.val_fraction or add a validation split (≥ 50 rows gives steadier numbers)")
     if truncated["rows"]:
         print(
             f"⚠ {truncated['rows']} rows were cut to model.max_length={max_length} (data.on_too_long: truncate): "
