@@ -98,11 +98,12 @@ def format_line(s: Status) -> str:
     return " · ".join(f"{k} {v}" if k != "step" else f"step {v}" for k, v in _cells(s).items())
 
 
-def expected_time_line(seconds_per_step: float, steps_left: int) -> str:
+def expected_time_line(seconds_per_step: float, steps_left: float, accumulation: int = 1) -> str:
     """Return the one line said once early in training: the measured time per step and the time the rest will take."""
     end = time.strftime("%H:%M", time.localtime(time.time() + seconds_per_step * steps_left))
-    return (f"Expected time: {seconds_per_step:.1f} s per step (steps 2–3 timed) → about "
-            f"{_duration(seconds_per_step * steps_left)} for the {steps_left} steps left (done near {end})")
+    timed = "steps 2–3 timed" if accumulation == 1 else f"micro-batches 2–3 timed × accumulation {accumulation}"
+    return (f"Expected time: {seconds_per_step:.1f} s per step ({timed}) → about "
+            f"{_duration(seconds_per_step * steps_left)} for the {round(steps_left)} steps left (done near {end})")
 
 
 def _plot_png(history: list[dict], title: str, resumed_at: int = 0) -> bytes | None:
@@ -194,7 +195,7 @@ class LiveView(TrainerCallback):
         self.total, self.start_step, self.t0 = int(state.max_steps), int(state.global_step), self.clock()
         self.history = [dict(h) for h in state.log_history if "step" in h]  # from the checkpoint when resumed
         self.session_from = len(self.history)
-        self.timed_from = 0.0
+        self.timed_from, self.micro = 0.0, 0
         self.tokens_before = _last(self.history, "num_tokens") or 0.0
         earlier = sum("loss" in h for h in self.history)
         self.note = (f"continued from step {self.start_step}: the curve includes {earlier} logged steps from before"
@@ -209,15 +210,25 @@ class LiveView(TrainerCallback):
         self.handle = display(HTML(first), display_id=True)
         self.last_shown = self.clock()
 
-    def on_step_end(self, args, state, control, **kwargs):
+    def _micro_step(self, args, state) -> None:
+        """Time micro-batches 2–3 of this session (the first carries start-up costs); then say the expected time once."""
         if not state.is_world_process_zero or self.mode == "off" or self.timed_from is None:
             return
-        done = state.global_step - self.start_step
-        if done == 1:  # the first step carries start-up costs: time the next two
+        self.micro += 1
+        if self.micro == 1:
             self.timed_from = self.clock()
-        elif done == 3:
-            print(expected_time_line((self.clock() - self.timed_from) / 2, self.total - state.global_step), flush=True)
+        elif self.micro == 3:
+            accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+            per_step = (self.clock() - self.timed_from) / 2 * accumulation
+            steps_left = max(self.total - self.start_step - 3 / accumulation, 0.0)
+            print(expected_time_line(per_step, steps_left, accumulation), flush=True)
             self.timed_from = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._micro_step(args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._micro_step(args, state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.mode == "off" or not logs:

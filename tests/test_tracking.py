@@ -328,3 +328,20 @@ def test_one_expected_time_line_from_steps_two_and_three_and_tokens_per_second_o
                                                    "for the 3 steps left")
     view.on_log(args, state, control, logs={"loss": 1.0, "num_tokens": 4000.0 + 4200.0})
     assert "tokens/s 100 ·" in capsys.readouterr().out  # 4,200 tokens in this session's 42 s, not the run's 8,200
+
+
+def test_with_gradient_accumulation_the_expected_time_comes_from_micro_batches(tmp_path, capsys):
+    from transformers import TrainerControl, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", gradient_accumulation_steps=4)
+    clock = Clock()
+    view = LiveView(title="r", mode="lines", clock=clock)
+    state, control = _resumed_state(), TrainerControl()  # resumed at step 4 of 10
+    view.on_train_begin(args, state, control)
+    capsys.readouterr()
+    for seconds in (30.0, 5.0, 5.0):  # three micro-batches of step 5: long before the step itself ends
+        clock.now += seconds
+        view.on_substep_end(args, state, control)
+    # 5 s per micro-batch × 4 = 20 s per step; 6 steps less the 3/4 step done = 5.25 steps → 105 s
+    assert capsys.readouterr().out.startswith("Expected time: 20.0 s per step (micro-batches 2–3 timed × "
+                                              "accumulation 4) → about 1:45 for the 5 steps left")
