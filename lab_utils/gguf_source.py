@@ -29,8 +29,11 @@ def is_gguf_file(name: str | None) -> bool:
     return isinstance(name, str) and name.lower().endswith(SUFFIX) and Path(name).expanduser().is_file()
 
 
+CONVERSION = 2  # bump when the folder would now be written differently (2: clean_up_tokenization_spaces off)
+
+
 def _fingerprint(path: Path) -> str:
-    h = hashlib.sha256(str(path.stat().st_size).encode())
+    h = hashlib.sha256(f"{CONVERSION}-{path.stat().st_size}".encode())
     with open(path, "rb") as f:
         h.update(f.read(_FINGERPRINT_BYTES))
     return h.hexdigest()[:12]

@@ -101,7 +101,7 @@ def format_line(s: Status) -> str:
 def expected_time_line(seconds_per_step: float, steps_left: float, accumulation: int = 1) -> str:
     """Return the one line said once early in training: the measured time per step and the time the rest will take."""
     end = time.strftime("%H:%M", time.localtime(time.time() + seconds_per_step * steps_left))
-    timed = "steps 2–3 timed" if accumulation == 1 else f"micro-batches 2–3 timed × accumulation {accumulation}"
+    timed = "steps 3–4 timed" if accumulation == 1 else f"micro-batches 3–4 timed × accumulation {accumulation}"
     return (f"Expected time: {seconds_per_step:.1f} s per step ({timed}) → about "
             f"{_duration(seconds_per_step * steps_left)} for the {round(steps_left)} steps left (done near {end})")
 
@@ -211,16 +211,16 @@ class LiveView(TrainerCallback):
         self.last_shown = self.clock()
 
     def _micro_step(self, args, state) -> None:
-        """Time micro-batches 2–3 of this session (the first carries start-up costs); then say the expected time once."""
+        """Time micro-batches 3–4 of this session (the first two carry start-up costs); then say the expected time once."""
         if not state.is_world_process_zero or self.mode == "off" or self.timed_from is None:
             return
         self.micro += 1
-        if self.micro == 1:
+        if self.micro == 2:
             self.timed_from = self.clock()
-        elif self.micro == 3:
+        elif self.micro == 4:
             accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
             per_step = (self.clock() - self.timed_from) / 2 * accumulation
-            steps_left = max(self.total - self.start_step - 3 / accumulation, 0.0)
+            steps_left = max(self.total - self.start_step - 4 / accumulation, 0.0)
             print(expected_time_line(per_step, steps_left, accumulation), flush=True)
             self.timed_from = None
 

@@ -319,15 +319,15 @@ def test_one_expected_time_line_from_steps_two_and_three_and_tokens_per_second_o
     state.log_history[-2]["num_tokens"] = 4000.0  # the whole run's count at the checkpoint
     view.on_train_begin(args, state, control)
     capsys.readouterr()
-    for step, seconds in ((5, 30.0), (6, 4.0), (7, 4.0), (8, 4.0)):  # the first step is slow (start-up)
+    for step, seconds in ((5, 30.0), (6, 9.0), (7, 4.0), (8, 4.0), (9, 4.0)):  # the first steps are slow (start-up)
         clock.now += seconds
         state.global_step = step
         view.on_step_end(args, state, control)
     lines = capsys.readouterr().out.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Expected time: 4.0 s per step (steps 2–3 timed) → about 0:12 "
-                                                   "for the 3 steps left")
-    view.on_log(args, state, control, logs={"loss": 1.0, "num_tokens": 4000.0 + 4200.0})
-    assert "tokens/s 100 ·" in capsys.readouterr().out  # 4,200 tokens in this session's 42 s, not the run's 8,200
+    assert len(lines) == 1 and lines[0].startswith("Expected time: 4.0 s per step (steps 3–4 timed) → about 0:08 "
+                                                   "for the 2 steps left")
+    view.on_log(args, state, control, logs={"loss": 1.0, "num_tokens": 4000.0 + 5100.0})
+    assert "tokens/s 100 ·" in capsys.readouterr().out  # 5,100 tokens in this session's 51 s, not the run's 9,100
 
 
 def test_with_gradient_accumulation_the_expected_time_comes_from_micro_batches(tmp_path, capsys):
@@ -339,9 +339,9 @@ def test_with_gradient_accumulation_the_expected_time_comes_from_micro_batches(t
     state, control = _resumed_state(), TrainerControl()  # resumed at step 4 of 10
     view.on_train_begin(args, state, control)
     capsys.readouterr()
-    for seconds in (30.0, 5.0, 5.0):  # three micro-batches of step 5: long before the step itself ends
+    for seconds in (30.0, 9.0, 5.0, 5.0):  # the micro-batches of step 5: said before the step itself is over
         clock.now += seconds
         view.on_substep_end(args, state, control)
-    # 5 s per micro-batch × 4 = 20 s per step; 6 steps less the 3/4 step done = 5.25 steps → 105 s
-    assert capsys.readouterr().out.startswith("Expected time: 20.0 s per step (micro-batches 2–3 timed × "
-                                              "accumulation 4) → about 1:45 for the 5 steps left")
+    # 5 s per micro-batch × 4 = 20 s per step; 6 steps less the one step done = 5 steps → 100 s
+    assert capsys.readouterr().out.startswith("Expected time: 20.0 s per step (micro-batches 3–4 timed × "
+                                              "accumulation 4) → about 1:40 for the 5 steps left")
