@@ -22,6 +22,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lab_utils.checkpoints import file_digest  # noqa: E402
+from lab_utils.files import write_text  # noqa: E402
 
 
 def lora_params(rank: int, hidden: int = 2048, layers: int = 16, mlp: int = 8192, kv: int = 512) -> int:
@@ -71,7 +72,7 @@ def main() -> None:
     note = f"one run; page cache warm (files just written), as in on_save; load average at start: {load:.1f}"
     print(note)
     out = Path(__file__).resolve().parent / "results" / "checkpoint_hash.json"
-    out.write_text(json.dumps({"results": results, "note": note, "hashlib": hashlib.sha256().name}, indent=1) + "\n")
+    write_text(out, json.dumps({"results": results, "note": note, "hashlib": hashlib.sha256().name}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -373,7 +373,8 @@ def worker(
     run = start(run_name, quiet=True)
     tok = load_tokenizer(run.cfg)
     data = load_prepared(run, tok)
-    settings = train_settings(run, hardware=hardware)
+    plan = train_settings(run, hardware=hardware)
+    settings = plan.sft  # the SFTConfig arguments, changed below per configuration
     max_length = int(run.cfg["model"]["max_length"])
     default_micro = settings["per_device_train_batch_size"]
     if config == "seed":
@@ -394,7 +395,7 @@ def worker(
     gc = bool(settings.get("gradient_checkpointing"))
     rss_start = _maxrss_gib()
     model, tok = load_for_training(
-        run.cfg, path, gradient_checkpointing=gc, attn_implementation=settings.get("_attn_implementation")
+        run.cfg, path, gradient_checkpointing=gc, attn_implementation=plan.attn_implementation
     )
     rss_loaded = _maxrss_gib()
     if cuda:
@@ -404,7 +405,7 @@ def worker(
     def counted_trainer(rows):
         unpacked_padding_free = settings.get("padding_free") and not settings.get("packing")
         with _no_max_length_in_sftconfig() if unpacked_padding_free else contextlib.nullcontext():
-            trainer = build_trainer(run, model, tok, {"train": rows}, settings)
+            trainer, _ = build_trainer(run, model, tok, {"train": rows}, plan)
         trainer.args.save_strategy = SaveStrategy.NO  # measure training, not checkpoint writes
         trainer.data_collator = CountingCollator(trainer.data_collator)
         return trainer, trainer.data_collator
@@ -441,8 +442,7 @@ def worker(
         "settings": {
             k: v
             for k, v in settings.items()
-            if not k.startswith("_")
-            and k in (*defaults._DECIDED, "pad_to_multiple_of", "max_length", "packing_strategy")
+            if k in (*defaults.HARDWARE_KEYS, "pad_to_multiple_of", "max_length", "packing_strategy")
         },
         "default_micro_batch": default_micro,
         "optimizer_steps": clock.steps,
@@ -468,7 +468,7 @@ def worker(
         result["cuda_peak_reserved_gib"] = torch.cuda.max_memory_reserved() / GIB
         result["cuda_after_load_gib"] = cuda_loaded
         result["device"] = torch.cuda.get_device_name(0)
-    out.write_text(json.dumps(result, indent=1))
+    _write(out, json.dumps(result, indent=1))
 
 
 @contextlib.contextmanager
@@ -886,10 +886,10 @@ def gpu_section(
 
 def _write(path: Path, text: str) -> None:
     """Write text to path atomically (a reader never sees half a file)."""
+    from lab_utils.files import write_text
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text(path, text)
 
 
 def _pct(x) -> str:

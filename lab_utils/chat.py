@@ -37,9 +37,10 @@ import os
 import re
 from typing import Any
 
-FORMATS = ("sharegpt", "messages", "alpaca", "prompt_completion", "text")
-# Targets a role may map to: `tool` is a tool's result, `function_call` a ShareGPT turn whose value is the call.
-ROLES = ("system", "user", "assistant", "tool", "function_call")
+from .choices import CHAT_FORMATS, REASONING, ROLES  # noqa: F401 — the allowed values live below config
+from .errors import problem
+
+FORMATS = CHAT_FORMATS
 DEFAULT_ROLE_MAP: dict[str, str] = {
     "system": "system",
     "user": "user", "human": "user", "prompter": "user",
@@ -48,7 +49,6 @@ DEFAULT_ROLE_MAP: dict[str, str] = {
     "tool": "tool", "observation": "tool", "function": "tool", "ipython": "tool",
     "function_call": "function_call", "tool_call": "function_call",
 }  # fmt: skip
-REASONING = ("keep", "drop")  # data.reasoning: what happens to an assistant turn's thinking trace
 _REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")  # where datasets keep the trace
 _THINK_RE = re.compile(r"^\s*<think>(.*?)</think>\s*", re.S)  # a trace written at the start of the content
 CONVERSATION_COLUMNS = ("messages", "conversations", "conversation")
@@ -135,10 +135,11 @@ def detect_format(columns: list[str], sample_rows: list[dict]) -> tuple[str, str
         return "prompt_completion", "columns 'prompt' and 'completion'" + (" (conversational)" * conv)
     if "text" in cols:
         return "text", "column 'text' holds plain text (language modelling, no turns)"
-    raise ValueError(
-        f"Cannot detect the data format: got columns {cols}; fix: set data.format to one of {list(FORMATS)} "
-        "(sharegpt/messages need 'conversations'/'messages', alpaca 'instruction'+'output', "
-        "prompt_completion 'prompt'+'completion', text 'text') or rename the columns."
+    raise problem(
+        "Cannot detect the data format", got=f"columns {cols}",
+        fix=f"set data.format to one of {list(FORMATS)} (sharegpt/messages need 'conversations'/'messages', "
+        "alpaca 'instruction'+'output', prompt_completion 'prompt'+'completion', text 'text') or rename the columns.",
+        kind=ValueError,
     )
 
 
@@ -164,7 +165,8 @@ def _role_map(role_map: dict | None) -> dict[str, str]:
     merged = dict(DEFAULT_ROLE_MAP)
     for key, target in (role_map or {}).items():
         if target not in ROLES:
-            raise ValueError(f"data.role_map maps {key!r} to {target!r}; fix: map it to one of {ROLES}")
+            raise problem(f"data.role_map maps {key!r} to an unknown role", got=repr(target),
+                          fix=f"map it to one of {', '.join(ROLES)}", kind=ValueError)
         merged[str(key).strip().lower()] = target
     return merged
 
@@ -332,9 +334,9 @@ def standardize(
     `reasoning_content`; tool turns may carry `name` / `tool_call_id`. `stats` (optional) counts traces seen.
     """
     if fmt not in FORMATS:
-        raise ValueError(f"Unknown data format {fmt!r}; fix: set data.format to one of {list(FORMATS)}")
+        raise problem("Unknown data format", got=repr(fmt), fix=f"set data.format to one of {list(FORMATS)}", kind=ValueError)
     if reasoning not in REASONING:
-        raise ValueError(f"data.reasoning must be one of {REASONING}, got {reasoning!r}; fix: pick one")
+        raise problem(f"data.reasoning must be one of {REASONING}", got=repr(reasoning), fix="pick one", kind=ValueError)
     roles = _role_map(role_map)
     if fmt == "text":
         return [{"role": "text", "content": _text_field(row, "text", blank="empty")}]
@@ -761,7 +763,7 @@ def tokenize_chat(
     (written by the template, usually into the system turn) and user turns do not.
     """
     if on_too_long not in ("drop", "truncate"):
-        raise ValueError(f"on_too_long must be 'drop' or 'truncate', got {on_too_long!r}; fix: pick one")
+        raise problem("on_too_long must be 'drop' or 'truncate'", got=repr(on_too_long), fix="pick one", kind=ValueError)
     if not messages:
         raise RowError("empty", "no messages to tokenize")
     if messages[0]["role"] == "text":  # plain language-model text: learn every token, end with eos
@@ -774,14 +776,12 @@ def tokenize_chat(
         if not any(m["role"] == "assistant" for m in messages):
             raise RowError("no_assistant_turn", f"no assistant turn among {len(messages)} messages")
         if not getattr(tokenizer, "chat_template", None):
-            raise ValueError(
-                "Tokenizer has no chat_template; got None; fix: call ensure_chat_template(tokenizer) first"
-            )
+            raise problem("Tokenizer has no chat_template", got="None", fix="call ensure_chat_template(tokenizer) first",
+                          kind=ValueError)
         if not getattr(tokenizer, "is_fast", False):
-            raise ValueError(
-                f"tokenize_chat needs character offsets; got the slow tokenizer {type(tokenizer).__name__}; "
-                "fix: load a fast tokenizer (AutoTokenizer.from_pretrained(name), the transformers 5 default)"
-            )
+            raise problem("tokenize_chat needs character offsets", got=f"the slow tokenizer {type(tokenizer).__name__}",
+                          fix="load a fast tokenizer (AutoTokenizer.from_pretrained(name), the transformers 5 default)",
+                          kind=ValueError)
         messages = template_messages(tokenizer, messages)
         text = _render(tokenizer, messages, tools)
         _check_tools_rendered(text, messages, tools)

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import tmp_path
 from .environment import free_gib, on_drive, pid_alive
 from .errors import LabError
+from .files import tmp_path, write_json
 
 __all__ = [
     "MANIFEST",
@@ -96,16 +96,7 @@ def write_manifest(ckpt: Path, identity: dict[str, Any], extra: dict[str, Any] |
         raise LabError(f"checkpoint {ckpt.name} is missing {missing} right after saving — disk full? Check free space")
     digests = {str(p.relative_to(ckpt)): file_digest(p) for p in paths}
     body = {"files": files, HASH: digests, "identity": identity, "written": time.time(), **(extra or {})}
-    tmp = tmp_path(ckpt / MANIFEST)
-    try:
-        with open(tmp, "w") as f:
-            json.dump(body, f, indent=1, sort_keys=True)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, ckpt / MANIFEST)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return ckpt / MANIFEST
+    return write_json(ckpt / MANIFEST, body, fsync=True, indent=1, sort_keys=True)
 
 
 def check_checkpoint(ckpt: Path) -> str | None:
@@ -404,13 +395,7 @@ class RunLock:
                 f"last heartbeat {age}")
 
     def _write(self) -> None:
-        body = {**self.body, "heartbeat": time.time()}
-        tmp = tmp_path(self.path)
-        try:
-            tmp.write_text(json.dumps(body))
-            os.replace(tmp, self.path)
-        finally:
-            tmp.unlink(missing_ok=True)
+        write_json(self.path, {**self.body, "heartbeat": time.time()})
 
     def acquire(self) -> str | None:
         """Take the lock, or LabError naming the trainer that holds it; return a line when a stale lock was taken over."""

@@ -1,8 +1,11 @@
 """The run's configuration: defaults, YAML, notebook form fields and environment, merged and checked.
 
-Precedence, lowest first: built-in defaults → profile defaults → YAML file → notebook form fields
-→ environment (`LAB_RUN_NAME`, `LAB_PROFILE`). `LAB_CONFIG` names a YAML file used *instead of*
-the notebook's form fields. The `lora:` and `train:` sections pass through to `peft.LoraConfig`
+Precedence, lowest first: built-in defaults → YAML file → notebook form fields → environment
+(`LAB_RUN_NAME`). `LAB_CONFIG` names a YAML file used *instead of* the notebook's form fields.
+The `train:` keys that depend on the GPU (batch geometry, precision, optimizer, padding) and that
+the config leaves unset are chosen for the hardware found when training starts (defaults.choose).
+`profile` / `LAB_PROFILE` adds no settings: it names the hardware a run expects (`colab-t4`, ...),
+checked before anything is written; `auto` takes whatever machine is there. The `lora:` and `train:` sections pass through to `peft.LoraConfig`
 and `trl.SFTConfig` by their own field names; an unknown key is an error naming the nearest one.
 
 Every value is checked before anything is loaded or written: its type against the library's own
@@ -22,13 +25,24 @@ import re
 from pathlib import Path
 from typing import Any
 
-from .chat import FORMATS as CHAT_FORMATS
-from .chat import REASONING, ROLES
-from .defaults import PROFILES
-from .embedded import EMBEDDED_DATA, EMBEDDED_DATASETS, EMBEDDED_MODEL
+from .choices import (
+    CHAT_FORMATS,
+    CONVERTER_OUTTYPES,
+    EMBEDDED_DATA,
+    EMBEDDED_DATASETS,
+    EMBEDDED_MODEL,
+    EXPORT_PARTS,
+    PROFILE_NAMES,
+    REASONING,
+    ROLES,
+)
 from .errors import LabError
-from .export import CONVERTER_OUTTYPES, EXPORT_PARTS
-from .files import tmp_path  # noqa: F401 — re-exported: older imports say config.tmp_path
+from .files import (
+    tmp_path,  # noqa: F401 — re-exported: older imports say config.tmp_path
+    write_json,
+    write_text,
+)
+from .metrics import METRICS as _METRIC_KINDS  # pure Python: the scorers, no stage
 
 __all__ = [
     "DEFAULTS",
@@ -109,15 +123,9 @@ _SECTIONS = [k for k in DEFAULTS if k not in _TOP_LEVEL]
 _RUN_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # always fullmatch: "$" would let "name\n" through
 # Mappings that a layer replaces whole instead of merging key by key.
 _REPLACED = {"role_map", "space"}
-PROFILE_NAMES = ("auto", *PROFILES)
 FORMATS = ("auto", *CHAT_FORMATS)
 GGUF_TYPES = (*CONVERTER_OUTTYPES, "q4_k_m")  # what export_gguf writes (q4_k_m through llama-quantize)
-try:  # the metrics evaluation.py knows, when it names them
-    from .evaluation import METRICS as _EVAL_METRICS
-
-    METRICS = ("auto", *[m for m in _EVAL_METRICS if m != "auto"])
-except ImportError:
-    METRICS = ("auto", "price", "exact_match", "regex")
+METRICS = ("auto", *[m for m in _METRIC_KINDS if m != "auto"])
 
 # `train:` keys the lab sets itself from other settings; setting them here would clash.
 _RESERVED = {
@@ -344,9 +352,7 @@ def _library_schema(section: str) -> dict[str, dict]:
     schema = _build_schema(section)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(path)
-        tmp.write_text(json.dumps(schema, sort_keys=True))
-        tmp.replace(path)
+        write_json(path, schema, sort_keys=True)
     except OSError:
         pass
     return schema
@@ -675,7 +681,7 @@ def _check_value(key: str, value: Any, kinds: set[str], choices, items, default:
             raise LabError(f"{key} must be {_describe_kinds(kinds)}, got {value!r}{eg_s}")
         if choices and value not in choices:
             listed = ", ".join(map(str, choices[:12])) + (", …" if len(choices) > 12 else "")
-            raise LabError(f"{key} must be one of {listed}; got {value!r}{_nearest(value, choices)}")
+            raise LabError(f"{key} must be one of {listed}, got {value!r}{_nearest(value, choices)}")
         return value
     raise LabError(f"{key} must be {_describe_kinds(kinds)}, got {value!r}{eg_s}")
 
@@ -686,7 +692,7 @@ def _check_range(key: str, value: Any, default: Any) -> None:
     if key in _SENTINELS:
         sentinel, lo, text, _ = _SENTINELS[key]
         if value != sentinel and value < lo:
-            raise LabError(f"{key} must be {text}; got {value!r}")
+            raise LabError(f"{key} must be {text}, got {value!r}")
         return
     if key in _RANGES:
         lo, hi, lo_open, hi_open, eg = _RANGES[key]
@@ -801,7 +807,7 @@ def check_profile(name: Any, origin: str = "profile") -> None:
     if name in PROFILE_NAMES:
         return
     raise LabError(
-        f"{origin} must be one of {', '.join(PROFILE_NAMES)}; got {name!r}{_nearest(name, PROFILE_NAMES)}"
+        f"{origin} must be one of {', '.join(PROFILE_NAMES)}, got {name!r}{_nearest(name, PROFILE_NAMES)}"
     )
 
 
@@ -1000,9 +1006,4 @@ def dump_yaml(cfg: dict, path: Path) -> None:
     """Write cfg as YAML to path atomically (temp file, then rename)."""
     import yaml
 
-    tmp = tmp_path(path)
-    try:
-        tmp.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, yaml.safe_dump(cfg, sort_keys=False))

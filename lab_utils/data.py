@@ -42,6 +42,7 @@ import re
 import shutil
 import tempfile
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,7 @@ from .chat import (
 )
 from .embedded import is_embedded, resolve_data
 from .errors import LabError
+from .files import write_json
 
 __all__ = [
     "load_source",
@@ -167,31 +169,9 @@ def _first_line(e: BaseException, n: int = 160) -> str:
 
 def _check_hub(spec: str) -> None:
     """Raise a one-line LabError when the hub cannot be reached or has no such dataset (seconds, no retries)."""
-    if any(os.environ.get(v, "0") not in ("", "0") for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")):
-        return  # offline mode: load_dataset looks in the local cache
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+    from .environment import check_hub_repo
 
-    try:
-        HfApi().dataset_info(spec, timeout=10)
-    except GatedRepoError:
-        raise LabError(
-            f"data.path {spec!r} is a gated hub dataset — accept its terms on huggingface.co and set HF_TOKEN"
-        ) from None
-    except RepositoryNotFoundError:
-        raise LabError(
-            f"data.path {spec!r} is neither a local file/folder nor a dataset on the hub — check the spelling "
-            "('org/name') or the path; a private dataset needs HF_TOKEN"
-        ) from None
-    except HfHubHTTPError as e:
-        raise LabError(
-            f"the hub refused data.path {spec!r} ({_first_line(e)}) — check HF_TOKEN and the id"
-        ) from None
-    except Exception as e:  # no network: httpx/OSError, whatever the transport raises
-        raise LabError(
-            f"data.path {spec!r} looks like a hub dataset id, but the hub cannot be reached ({_first_line(e, 80)}) — "
-            "check the connection, or download the data and set data.path to the file"
-        ) from None
+    check_hub_repo(spec, key="data.path", repo_type="dataset")  # the one Hub probe; offline mode skips it
 
 
 def _load_hub(spec: str, d: dict):
@@ -805,11 +785,7 @@ def _plot_lengths(lengths: list[int], max_length: int, out: Path) -> None:
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    from .config import tmp_path
-
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, ensure_ascii=False)
 
 
 def _summary_line(report: dict) -> str:
@@ -822,72 +798,94 @@ def _summary_line(report: dict) -> str:
     return line
 
 
-def prepare(run, tokenizer, *, num_proc: int | None = None):
-    """Return the processed DatasetDict (train/validation), from the cache in run/data when inputs are unchanged.
+@dataclass
+class _Tally:
+    """What tokenizing the splits found: drops by reason, cut rows, lengths and tool use (for the report)."""
 
-    num_proc: worker processes for tokenizing; None picks the free cores (≤ 4) from 20k rows on, 1 below.
-    """
+    max_length: int
+    reasons: Counter = field(default_factory=Counter)
+    unknown_roles: Counter = field(default_factory=Counter)  # the role names to map, for the stop line
+    examples: dict[str, list] = field(default_factory=dict)
+    truncated: dict[str, Any] = field(default_factory=lambda: {"rows": 0, "examples": []})
+    lengths_before: list[int] = field(default_factory=list)  # every tokenized row, not a duplicate, full length
+    lengths_kept: list[int] = field(default_factory=list)
+    tool_stats: Counter = field(default_factory=Counter)
+    calls_per_row: list[int] = field(default_factory=list)
+    total_in: int = 0
+    seen: set[str] = field(default_factory=set)
+
+    def keep_rows(self, split: str, processed) -> list[int]:
+        """Return the indices of processed's rows to keep, counting every drop, duplicate, cut and tool call."""
+        # only the small bookkeeping columns come into Python; the token lists stay in the Arrow file
+        info = processed.select_columns(["_drop", "_hash", "_row", "_len", "_cut", *_TOOL_COLUMNS]).to_dict()
+        keep = []
+        for i, (drop, hsh, row, n, cut, *tool) in enumerate(
+            zip(*(info[c] for c in ("_drop", "_hash", "_row", "_len", "_cut", *_TOOL_COLUMNS)), strict=True)
+        ):
+            if not drop and hsh in self.seen:
+                first = json.dumps(processed[i]["messages"], ensure_ascii=False)
+                drop = f"duplicate\tsame messages as an earlier row\t{first[:99]}"
+                n = 0  # counted once, with the first copy
+            if n:
+                self.lengths_before.append(n)
+            if drop:
+                reason, detail, excerpt = drop.split("\t", 2)
+                self.reasons[reason] += 1
+                if reason == "unknown_role" and (m := re.search(r"unknown role ('.*?'|\".*?\")", detail)):
+                    self.unknown_roles[m.group(1)] += 1
+                ex = self.examples.setdefault(reason, [])
+                if len(ex) < EXAMPLES_PER_REASON:
+                    ex.append({"split": split, "row": int(row), "detail": detail, "excerpt": excerpt})
+                continue
+            self.seen.add(hsh)
+            keep.append(i)
+            _count_tools(self.tool_stats, self.calls_per_row, *tool)
+            self.lengths_kept.append(min(n, self.max_length))
+            if cut:
+                self.truncated["rows"] += 1
+                if len(self.truncated["examples"]) < EXAMPLES_PER_REASON:
+                    self.truncated["examples"].append(
+                        {"split": split, "row": int(row), "detail": f"{n} tokens cut to {self.max_length}"}
+                    )
+        return keep
+
+
+def _reuse_prepared(run, fp: str):
+    """Return the saved processed data when its report carries fingerprint fp (saying so), else None."""
     import datasets
 
-    cfg = run.cfg
-    d = cfg["data"]
-    max_length = int(cfg["model"]["max_length"])
-    on_too_long = d.get("on_too_long", "drop")
     out_dir = run.data_dir
-    if ensure_chat_template(tokenizer):
-        print(
-            "The tokenizer has no chat template: using the lab's default ChatML template (see lab_utils.chat)."
-        )
+    if not (run.data_report_path.exists() and (out_dir / "dataset").exists()):
+        return None
     try:
-        role_map = _role_map(d.get("role_map") or {})
-    except ValueError as e:
-        raise LabError(str(e).replace("; fix:", " —")) from None
-    fp = data_fingerprint(cfg, tokenizer)
-    report_path = out_dir / "data_report.json"
-    if report_path.exists() and (out_dir / "dataset").exists():
-        try:
-            old = json.loads(report_path.read_text())
-        except ValueError:
-            old = {}
-        if old.get("fingerprint") == fp:
-            try:
-                cached = datasets.load_from_disk(str(out_dir / "dataset"))
-            except Exception:  # damaged or half-copied: make it again
-                print("The saved processed data cannot be read: processing again.")
-            else:
-                print(
-                    f"Processed data is up to date (fingerprint {fp}): reusing {run.display(out_dir / 'dataset')}"
-                )
-                print(f"Format: {old.get('format')} ({old.get('format_reason')})")
-                print(_summary_line(old))
-                if line := _tool_line(old.get("tools")):
-                    print(line)
-                return cached
-        else:
-            print(
-                "Data inputs changed since the last preparation (data, data.*, max_length or tokenizer): processing again."
-            )
+        old = run.data_report() or {}
+    except LabError:  # a damaged report: make the data again
+        old = {}
+    if old.get("fingerprint") != fp:
+        print(
+            "Data inputs changed since the last preparation (data, data.*, max_length or tokenizer): processing again."
+        )
+        return None
+    try:
+        cached = datasets.load_from_disk(str(out_dir / "dataset"))
+    except Exception:  # damaged or half-copied: make it again
+        print("The saved processed data cannot be read: processing again.")
+        return None
+    print(f"Processed data is up to date (fingerprint {fp}): reusing {run.display(out_dir / 'dataset')}")
+    print(f"Format: {old.get('format')} ({old.get('format_reason')})")
+    print(_summary_line(old))
+    if line := _tool_line(old.get("tools")):
+        print(line)
+    return cached
 
-    raw, where = _load(cfg)
-    print(f"Source: {where}")
-    fmt, why = _choose_format(d, raw["train"])
-    print(f"Format: {fmt} ({why})")
-    if "tool calling:" in why:
-        _check_tool_template(cfg, tokenizer)
 
-    reasons: Counter = Counter()
-    unknown_roles: Counter = Counter()  # the role names to map, for the stop line
-    examples: dict[str, list] = {}
-    truncated: dict[str, Any] = {"rows": 0, "examples": []}
+def _tokenize_splits(raw, fmt: str, role_map: dict, cfg: dict, tokenizer, fp: str, num_proc: int | None):
+    """Return ({split: kept rows}, tally): every split validated, tokenized, deduplicated and counted."""
+    d = cfg["data"]
+    tally = _Tally(int(cfg["model"]["max_length"]))
     kept_splits = {}
-    lengths_before: list[int] = []  # every row that got tokenized and is not a duplicate, full length
-    lengths_kept: list[int] = []
-    tool_stats: Counter = Counter()
-    calls_per_row: list[int] = []
-    total_in = 0
-    seen: set[str] = set()
     for split, ds in raw.items():
-        total_in += len(ds)
+        tally.total_in += len(ds)
         workers = num_proc if num_proc is not None else _auto_num_proc(len(ds))
         processed = ds.map(
             _process_batch,
@@ -902,87 +900,59 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
                 role_map=role_map,
                 system_prompt=d.get("system_prompt") or None,
                 tokenizer=tokenizer,
-                max_length=max_length,
-                on_too_long=on_too_long,
+                max_length=tally.max_length,
+                on_too_long=d.get("on_too_long", "drop"),
                 reasoning=d.get("reasoning", "keep"),
             ),
             desc=f"Validating and tokenizing {split}",
             new_fingerprint=_map_fingerprint(fp, split, ds),
         )
-        # only the small bookkeeping columns come into Python; the token lists stay in the Arrow file
-        info = processed.select_columns(["_drop", "_hash", "_row", "_len", "_cut", *_TOOL_COLUMNS]).to_dict()
-        keep = []
-        for i, (drop, hsh, row, n, cut, *tool) in enumerate(
-            zip(*(info[c] for c in ("_drop", "_hash", "_row", "_len", "_cut", *_TOOL_COLUMNS)), strict=True)
-        ):
-            if not drop and hsh in seen:
-                first = json.dumps(processed[i]["messages"], ensure_ascii=False)
-                drop = f"duplicate\tsame messages as an earlier row\t{first[:99]}"
-                n = 0  # counted once, with the first copy
-            if n:
-                lengths_before.append(n)
-            if drop:
-                reason, detail, excerpt = drop.split("\t", 2)
-                reasons[reason] += 1
-                if reason == "unknown_role" and (m := re.search(r"unknown role ('.*?'|\".*?\")", detail)):
-                    unknown_roles[m.group(1)] += 1
-                ex = examples.setdefault(reason, [])
-                if len(ex) < EXAMPLES_PER_REASON:
-                    ex.append({"split": split, "row": int(row), "detail": detail, "excerpt": excerpt})
-                continue
-            seen.add(hsh)
-            keep.append(i)
-            _count_tools(tool_stats, calls_per_row, *tool)
-            lengths_kept.append(min(n, max_length))
-            if cut:
-                truncated["rows"] += 1
-                if len(truncated["examples"]) < EXAMPLES_PER_REASON:
-                    truncated["examples"].append(
-                        {"split": split, "row": int(row), "detail": f"{n} tokens cut to {max_length}"}
-                    )
-        kept_splits[split] = processed.select(keep)
-    columns = ["input_ids", "assistant_masks", "messages"] + ["tools"] * bool(tool_stats["rows_with_tools"])
-    kept_splits = {k: v.select_columns(columns) for k, v in kept_splits.items()}  # a 'tools' column for tool data
+        kept_splits[split] = processed.select(tally.keep_rows(split, processed))
+    columns = ["input_ids", "assistant_masks", "messages"] + ["tools"] * bool(tally.tool_stats["rows_with_tools"])
+    return {k: v.select_columns(columns) for k, v in kept_splits.items()}, tally  # a 'tools' column for tool data
 
-    kept = sum(len(v) for v in kept_splits.values())
-    dropped = total_in - kept
-    share = dropped / total_in if total_in else 1.0
-    before = length_stats(lengths_before)
-    fits = sum(n <= max_length for n in lengths_before) / len(lengths_before) if lengths_before else 0.0
-    report: dict[str, Any] = {
+
+def _build_report(cfg: dict, fp: str, where: str, fmt: str, why: str, tally: _Tally, kept: int) -> dict[str, Any]:
+    """Return data_report.json's content (before the validation split is known)."""
+    d = cfg["data"]
+    max_length, on_too_long = tally.max_length, d.get("on_too_long", "drop")
+    before = length_stats(tally.lengths_before)
+    lengths = tally.lengths_before
+    fits = sum(n <= max_length for n in lengths) / len(lengths) if lengths else 0.0
+    return {
         "fingerprint": fp,
         "stopped": None,
         "source": d["path"],
         "source_detail": where,
         "format": fmt,
         "format_reason": why,
-        "rows_in": total_in,
+        "rows_in": tally.total_in,
         "rows_kept": kept,
-        "rows_dropped": dropped,
-        "dropped_by_reason": dict(reasons.most_common()),
+        "rows_dropped": tally.total_in - kept,
+        "dropped_by_reason": dict(tally.reasons.most_common()),
         "max_length": max_length,
         "on_too_long": on_too_long,
-        "truncated": truncated,
+        "truncated": tally.truncated,
         "fits_max_length": round(fits, 4),
-        "length_stats": length_stats(lengths_kept),  # as trained: kept rows, after truncation
+        "length_stats": length_stats(tally.lengths_kept),  # as trained: kept rows, after truncation
         "length_stats_before_limit": before,  # what the rows need: before drop/truncate, duplicates once
         "suggestion": _suggestion(before, fits, max_length, on_too_long),
         "qlora_lab": __version__,
-        "examples": examples,
-        "tools": _tool_report(tool_stats, calls_per_row, d.get("reasoning", "keep")),
+        "examples": tally.examples,
+        "tools": _tool_report(tally.tool_stats, tally.calls_per_row, d.get("reasoning", "keep")),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    if lengths_before:
-        _plot_lengths(lengths_before, max_length, out_dir / "lengths.png")
-    print(_summary_line(report))
-    if line := _tool_line(report["tools"]):
-        print(line)
 
+
+def _stop_if_too_few_kept(run, report: dict, tally: _Tally) -> None:
+    """LabError (report kept, stale data removed) when no row, or more than data.max_drop_fraction, was dropped."""
+    d = run.cfg["data"]
+    total_in, kept, dropped, reasons = tally.total_in, report["rows_kept"], report["rows_dropped"], tally.reasons
+    share = dropped / total_in if total_in else 1.0
     stop = None
     top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
     fix = _FIXES.get(reasons.most_common(1)[0][0] if reasons else "", "fix the data")
-    if reasons and reasons.most_common(1)[0][0] == "unknown_role" and unknown_roles:
-        names = [r for r, _ in unknown_roles.most_common()]
+    if reasons and reasons.most_common(1)[0][0] == "unknown_role" and tally.unknown_roles:
+        names = [r for r, _ in tally.unknown_roles.most_common()]
         fix = (f"map the role names {', '.join(names[:8])}{' …' if len(names) > 8 else ''} with data.role_map, "
                f"e.g. data.role_map: {{{names[0]}: assistant}} (each to system, user or assistant)")
     if kept == 0:
@@ -994,9 +964,14 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
         )
     if stop:  # keep the report for the person to read; remove data that no longer matches it
         report.update(fingerprint=None, stopped=stop)
-        _write_json(report_path, report)
-        shutil.rmtree(out_dir / "dataset", ignore_errors=True)
-        raise LabError(f"{stop} (examples in {run.display(report_path)})")
+        _write_json(run.data_report_path, report)
+        shutil.rmtree(run.data_dir / "dataset", ignore_errors=True)
+        raise LabError(f"{stop} (examples in {run.display(run.data_report_path)})")
+
+
+def _with_validation(kept_splits: dict, d: dict, report: dict):
+    """Return the DatasetDict with a validation split (the source's own, else split off by data.val_fraction)."""
+    import datasets
 
     seed = int(d.get("seed", 42))
     val_fraction = float(d["val_fraction"])
@@ -1006,20 +981,20 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
         )
         del kept_splits["validation"]
     if "validation" in kept_splits:
-        final = datasets.DatasetDict(kept_splits)
         report["validation_from"] = "the source's own split"
-    else:
-        if len(kept_splits["train"]) < 2:
-            raise LabError(
-                f"only {len(kept_splits['train'])} usable row: a validation row cannot be split off — add rows"
-            )
-        n_val = min(max(1, round(val_fraction * len(kept_splits["train"]))), len(kept_splits["train"]) - 1)
-        split = kept_splits["train"].train_test_split(test_size=n_val, seed=seed)
-        final = datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
-        report["validation_from"] = (
-            f"{n_val} rows split off (data.val_fraction={val_fraction}, data.seed={seed})"
+        return datasets.DatasetDict(kept_splits)
+    if len(kept_splits["train"]) < 2:
+        raise LabError(
+            f"only {len(kept_splits['train'])} usable row: a validation row cannot be split off — add rows"
         )
-    report["splits"] = {k: len(v) for k, v in final.items()}
+    n_val = min(max(1, round(val_fraction * len(kept_splits["train"]))), len(kept_splits["train"]) - 1)
+    split = kept_splits["train"].train_test_split(test_size=n_val, seed=seed)
+    report["validation_from"] = f"{n_val} rows split off (data.val_fraction={val_fraction}, data.seed={seed})"
+    return datasets.DatasetDict({"train": split["train"], "validation": split["test"]})
+
+
+def _show_splits(report: dict) -> None:
+    """Print the split sizes, the cut-rows warning and the length suggestion."""
     print(
         f"Splits: {report['splits']['train']} train, {report['splits']['validation']} validation "
         f"({report['validation_from']})"
@@ -1027,24 +1002,69 @@ def prepare(run, tokenizer, *, num_proc: int | None = None):
     if report["splits"]["validation"] < SMALL_VALIDATION:
         print(f"⚠ only {report['splits']['validation']} validation row(s): validation loss and 03's scores will swing "
               "with every row — raise data.val_fraction or add a validation split (≥ 50 rows gives steadier numbers)")
-    if truncated["rows"]:
+    if report["truncated"]["rows"]:
         print(
-            f"⚠ {truncated['rows']} rows were cut to model.max_length={max_length} (data.on_too_long: truncate): "
-            "the model never sees their ends"
+            f"⚠ {report['truncated']['rows']} rows were cut to model.max_length={report['max_length']} "
+            "(data.on_too_long: truncate): the model never sees their ends"
         )
     if report["suggestion"]:
         print(f"Suggestion: {report['suggestion']}")
 
+
+def _save_prepared(run, final, report: dict, raw) -> None:
+    """Save the processed splits (whole folder swapped in) and then their report; free the map cache."""
+    out_dir = run.data_dir
     tmp = out_dir / "dataset.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     final.save_to_disk(str(tmp))
     shutil.rmtree(out_dir / "dataset", ignore_errors=True)
     os.replace(tmp, out_dir / "dataset")
-    _write_json(report_path, report)
+    _write_json(run.data_report_path, report)
     for ds in raw.values():  # the intermediate map output in datasets' cache is a full copy: free the disk
         ds.cleanup_cache_files()
     print(f"Saved processed data → {run.display(out_dir / 'dataset')} (report: data_report.json)")
-    return datasets.load_from_disk(str(out_dir / "dataset"))
+
+
+def prepare(run, tokenizer, *, num_proc: int | None = None):
+    """Return the processed DatasetDict (train/validation), from the cache in run/data when inputs are unchanged.
+
+    num_proc: worker processes for tokenizing; None picks the free cores (≤ 4) from 20k rows on, 1 below.
+    """
+    import datasets
+
+    cfg, d = run.cfg, run.cfg["data"]
+    if ensure_chat_template(tokenizer):
+        print(
+            "The tokenizer has no chat template: using the lab's default ChatML template (see lab_utils.chat)."
+        )
+    try:
+        role_map = _role_map(d.get("role_map") or {})
+    except ValueError as e:
+        raise LabError(str(e)) from None  # chat.py writes it in the lab's one style already
+    fp = data_fingerprint(cfg, tokenizer)
+    if (cached := _reuse_prepared(run, fp)) is not None:
+        return cached
+
+    raw, where = _load(cfg)
+    print(f"Source: {where}")
+    fmt, why = _choose_format(d, raw["train"])
+    print(f"Format: {fmt} ({why})")
+    if "tool calling:" in why:
+        _check_tool_template(cfg, tokenizer)
+    kept_splits, tally = _tokenize_splits(raw, fmt, role_map, cfg, tokenizer, fp, num_proc)
+    report = _build_report(cfg, fp, where, fmt, why, tally, sum(len(v) for v in kept_splits.values()))
+    run.data_dir.mkdir(parents=True, exist_ok=True)
+    if tally.lengths_before:
+        _plot_lengths(tally.lengths_before, tally.max_length, run.data_dir / "lengths.png")
+    print(_summary_line(report))
+    if line := _tool_line(report["tools"]):
+        print(line)
+    _stop_if_too_few_kept(run, report, tally)
+    final = _with_validation(kept_splits, d, report)
+    report["splits"] = {k: len(v) for k, v in final.items()}
+    _show_splits(report)
+    _save_prepared(run, final, report, raw)
+    return datasets.load_from_disk(str(run.data_dir / "dataset"))
 
 
 def load_prepared(run, tokenizer=None):
@@ -1052,11 +1072,10 @@ def load_prepared(run, tokenizer=None):
     import datasets
 
     path = run.data_dir / "dataset"
-    report = run.data_dir / "data_report.json"
-    if not path.exists() or not report.exists():
+    if not path.exists() or not run.data_report_path.exists():
         raise LabError(f"no processed data in {run.display(run.data_dir)} — run 01_data first")
     if tokenizer is not None:
-        saved = json.loads(report.read_text()).get("fingerprint")
+        saved = run.data_report().get("fingerprint")
         if saved != data_fingerprint(run.cfg, tokenizer):
             raise LabError(
                 f"the processed data in {run.display(run.data_dir)} was made from other data settings, "
@@ -1079,10 +1098,7 @@ def load_prepared(run, tokenizer=None):
 
 def read_data_report(run) -> dict[str, Any]:
     """Return the run's data/data_report.json as a dict; LabError when 01_data has not written it."""
-    path = run.data_dir / "data_report.json"
-    if not path.exists():
-        raise LabError(f"no data report in {run.display(run.data_dir)} — run 01_data first")
-    return json.loads(path.read_text())
+    return run.data_report(required=True)
 
 
 def report_table(report: dict) -> list[dict[str, Any]]:

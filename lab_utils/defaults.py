@@ -54,132 +54,28 @@ Rules (each one also appears in the result's `reasons`):
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import os
 import re
-import sys
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-GIB = 2**30
+from .errors import problem
+from .hardware import GIB, KNOWN_GPU_NAMES, Hardware, detect_hardware, hardware_from_name  # noqa: F401 (re-exported)
+from .memory import (  # noqa: F401 (re-exported: moved to memory.py)
+    LORA_TARGETS,
+    MemoryEstimate,
+    ModelShape,
+    _check_positive,
+    _optimizer_bytes,
+    estimate_memory,
+    model_shape,
+)
+
 BUDGET_FRACTION = 0.85  # plan to this share of device memory; the rest absorbs estimate error
 # A CPU gains nothing from micro-batches past 8 rows, while length-grouped rows are padded to the
 # longest of their micro-batch. `make bench` (tiny model, FineTome-like lengths, one thread):
 # micro-batch 16 x 1 trained 1180-1300 tokens/s with 6.3% padding over an epoch, 8 x 2 trained
 # 1080-1410 tokens/s with 3.0%, 4 x 4 1105 tokens/s with 1.3% (per-micro-batch overhead wins there).
 CPU_MAX_MICRO_BATCH = 8
-LLAMA3_VOCAB = 128_256  # vocab assumed when none is given (Llama 3.x)
-TIED_BELOW_PARAMS = 4e9  # smaller models tie lm_head to the embeddings (Llama 3.2 1B/3B, Qwen2.5 <= 3B)
-LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-# --- Memory model constants -------------------------------------------------------------------
-# 4-bit nf4 with double quantization (bitsandbytes): 4 bits per weight, an 8-bit absmax per block of
-# 64 weights, and an fp32 absmax per 256 of those blocks: (4 + 8/64 + 32/(64*256)) / 8 bytes.
-NF4_BYTES_PER_PARAM = (4 + 8 / 64 + 32 / (64 * 256)) / 8  # 0.5159
-LORA_BYTES = 4  # PEFT keeps adapters in fp32 (autocast_adapter_dtype=True) ...
-GRAD_BYTES = 4  # ... so their gradients are fp32 too
-ADAM_FP32_BYTES = 8  # two fp32 moments per trainable parameter
-ADAM_8BIT_BYTES = 2  # two 8-bit moments (+ an fp32 absmax per 256 values, negligible)
-# Logits with loss_type="nll" (transformers' ForCausalLMLoss), bytes per token per vocab entry at the
-# peak: the 16-bit lm_head output (2) + its fp32 upcast (4) + the fp32 log-softmax kept for backward
-# (4) in the forward; in the backward the 16-bit copy is gone but two fp32 gradients (4 + 4) join the
-# saved log-softmax. 12 bytes, i.e. three batch*len*vocab fp32 tensors, not one.
-LOGITS_BYTES_PER_VOCAB_TOKEN = 12
-CHUNKED_NLL_TOKENS = 256  # trl.trainer.sft_trainer._CHUNKED_LM_HEAD_CHUNK_SIZE in trl 1.14.2
-CUDA_CONTEXT_GIB = 0.75  # CUDA context + cuBLAS/cuDNN workspaces as nvidia-smi counts them
-CPU_PROCESS_GIB = 1.0  # Python, torch, tokenizer and dataset in RAM
-ALLOCATOR_SLACK = 0.10  # caching-allocator fragmentation, as a share of activation memory
-# Sanity check against published numbers (GiB from this model; the sources say GB):
-# * LLaMA-Factory wiki "Performance comparison": LLaMA2-7B (hidden 4096, 32 layers, vocab 32000),
-#   4-bit QLoRA, LoRA r=8 on all modules, batch 1, FlashAttention-2, A100-40GB:
-#     tokens      1024  2048  4096  8192  16384  32768
-#     published      6     7     9    12     19     32
-#     this model   5.5   6.2   7.6  10.4   16.0   27.1   (adamw_torch, checkpointing on)
-#   8-16% low. Most of the gap at long lengths is that 2024 stack's loss, which also kept a
-#   contiguous fp32 copy of the shifted logits (16 bytes per vocab entry, not 12): with 16 this
-#   model gives 5.7, 6.5, 8.2, 11.5, 18.1, 31.4. The 85% budget absorbs the rest.
-# * unsloth "Unsloth Requirements", minimum QLoRA VRAM: 7B 5 GB, 8B 6 GB. This model at batch 1 x
-#   512 tokens, r=16, checkpointing: Mistral-7B shape (vocab 32000) 5.5; Llama-3.1-8B 7.6 (7.2 with
-#   the chunked loss). The 8B weights alone are 5.3 (untied 16-bit embeddings + lm_head are 2.0 of
-#   it; unsloth's own 8B bnb-4bit checkpoint is 5.7 GB on disk), so 6 GB is a floor without context.
-# * Llama-3.2-1B (1.24e9) at 2048 tokens, r=32, fp16: weights 0.96 (unsloth's 1B bnb-4bit checkpoint
-#   is about 1.0 GB). The old lab setting, batch 2 with checkpointing, estimates 8.75 on a T4 with
-#   full logits (5.9 of it logits) and 3.0 with TRL 1.14's default chunked loss.
-# tests/test_defaults.py pins these ranges.
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """One training device: its kind, name, total memory in GiB, CUDA capability and bf16 support."""
-
-    kind: str  # "cuda" | "cpu" | "mps"
-    name: str  # "Tesla T4", "NVIDIA A100-SXM4-40GB", "cpu"
-    memory_gib: float  # total device memory; system RAM for cpu/mps
-    capability: tuple[int, int] | None  # (7, 5) for a T4; None off CUDA
-    bf16: bool  # capability >= (8, 0)
-
-
-# Memory is what torch.cuda.get_device_properties(0).total_memory reports, in GiB.
-_GPUS: dict[str, Hardware] = {
-    "T4": Hardware("cuda", "Tesla T4", 14.75, (7, 5), False),
-    "V100": Hardware("cuda", "Tesla V100-SXM2-16GB", 15.78, (7, 0), False),
-    "L4": Hardware("cuda", "NVIDIA L4", 21.96, (8, 9), True),
-    "A100-40GB": Hardware("cuda", "NVIDIA A100-SXM4-40GB", 39.56, (8, 0), True),
-    "A100-80GB": Hardware("cuda", "NVIDIA A100-SXM4-80GB", 79.15, (8, 0), True),
-    "H100": Hardware("cuda", "NVIDIA H100 80GB HBM3", 79.19, (9, 0), True),
-}
-KNOWN_GPU_NAMES = (*_GPUS, "cpu")
-
-
-def _system_ram_gib() -> float:
-    """Return total system RAM in GiB (8.0 where the OS does not say)."""
-    try:
-        return round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB, 2)
-    except (AttributeError, ValueError, OSError):  # Windows has no sysconf
-        return 8.0
-
-
-def detect_hardware() -> Hardware:
-    """Return the Hardware this process would train on: CUDA device 0, else Apple MPS, else the CPU."""
-    import torch
-
-    if torch.cuda.is_available():
-        from .environment import bf16_capable
-
-        props = torch.cuda.get_device_properties(0)
-        major, minor = torch.cuda.get_device_capability(0)
-        return Hardware(
-            kind="cuda",
-            name=props.name,
-            memory_gib=round(props.total_memory / GIB, 2),
-            capability=(major, minor),
-            bf16=bf16_capable((major, minor)),
-        )
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return Hardware("mps", "mps", _system_ram_gib(), None, False)
-    return Hardware("cpu", "cpu", _system_ram_gib(), None, False)
-
-
-def hardware_from_name(gpu: str) -> Hardware:
-    """Return the Hardware for a GPU name such as "T4", "a100", "NVIDIA A100-SXM4-80GB" or "cpu"."""
-    key = re.sub(r"[^a-z0-9]", "", str(gpu).lower())
-    key = re.sub(r"^(nvidia|tesla)+", "", key)
-    if key == "cpu":
-        return Hardware("cpu", "cpu", _system_ram_gib(), None, False)
-    if key.startswith("a100"):
-        return _GPUS["A100-80GB" if "80" in key[4:] else "A100-40GB"]
-    for prefix, name in (("h100", "H100"), ("v100", "V100")):
-        if key.startswith(prefix):
-            return _GPUS[name]
-    if key in ("t4", "l4"):
-        return _GPUS[key.upper()]
-    raise ValueError(
-        f"unknown GPU name: got {gpu!r}; known: {', '.join(KNOWN_GPU_NAMES)} (case-insensitive, "
-        "'A100' means A100-40GB); fix: pass one of those, or detect_hardware() for this machine"
-    )
 
 
 # Profile defaults for the `train:` section (SFTConfig field names), with the hardware they expect
@@ -276,252 +172,6 @@ def profile_for(hardware: Hardware) -> str:
     return "colab-t4"  # a smaller CUDA card: the most frugal profile; choose() sizes the batch
 
 
-# --- Memory estimate ---------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelShape:
-    """Return type of model_shape(): the dimensions the estimate uses, and which were derived."""
-
-    hidden_size: int
-    num_layers: int
-    vocab_size: int
-    intermediate_size: int
-    kv_size: int  # width of k_proj/v_proj outputs
-    tied_embeddings: bool
-    derived: tuple[str, ...]
-
-
-def _llama_params(hidden: int, layers: int, vocab_rows: int) -> float:
-    """Return the parameter count of a Llama-shaped model (kv = hidden/4, MLP = 4*hidden)."""
-    return layers * 14.5 * hidden * hidden + vocab_rows * hidden
-
-
-def model_shape(
-    model_params: float,
-    hidden_size: int | None = None,
-    num_layers: int | None = None,
-    vocab_size: int | None = None,
-) -> ModelShape:
-    """Return the ModelShape, filling missing dimensions by the Llama rule.
-
-    The rule (Llama 3.x): head_dim 128 so num_layers = hidden/128; grouped-query attention with
-    k/v width hidden/4; MLP width 4*hidden. A layer then has 2.5h^2 attention + 12h^2 MLP = 14.5h^2
-    parameters, and hidden is the multiple of 128 whose total (plus vocab*hidden embeddings, twice if
-    untied) is closest to model_params. Vocab defaults to Llama 3's 128256; models under 4e9
-    parameters are taken as tied. 1.24e9 gives Llama-3.2-1B exactly: hidden 2048, 16 layers. The MLP
-    width is then solved from model_params, so the parts always add up to the given size.
-    """
-    derived = []
-    vocab = vocab_size if vocab_size is not None else LLAMA3_VOCAB
-    if vocab_size is None:
-        derived.append("vocab_size")
-    tied = model_params < TIED_BELOW_PARAMS
-    vocab_rows = vocab * (1 if tied else 2)
-    if hidden_size is None and num_layers is None:
-        hidden = min(
-            range(128, 32768 + 1, 128),
-            key=lambda h: abs(_llama_params(h, h // 128, vocab_rows) - model_params),
-        )
-        layers = hidden // 128
-        derived += ["hidden_size", "num_layers"]
-    elif hidden_size is None:
-        layers = int(num_layers)  # type: ignore[arg-type]
-        a, b = 14.5 * layers, vocab_rows
-        root = (-b + math.sqrt(b * b + 4 * a * model_params)) / (2 * a)
-        hidden = max(64, int(round(root / 64)) * 64)
-        derived.append("hidden_size")
-    elif num_layers is None:
-        hidden = int(hidden_size)
-        layers = max(1, round((model_params - vocab_rows * hidden) / (14.5 * hidden * hidden)))
-        derived.append("num_layers")
-    else:
-        hidden, layers = int(hidden_size), int(num_layers)
-    body = model_params - vocab_rows * hidden
-    if body <= 0:
-        raise ValueError(
-            f"model_params smaller than the embeddings alone: got {model_params:.3g} params but vocab "
-            f"{vocab} x hidden {hidden} = {vocab_rows * hidden:.3g}; fix: check model_params, or pass "
-            "the model's hidden_size and vocab_size"
-        )
-    kv = max(1, hidden // 4)
-    intermediate = max(hidden, round((body / layers - 2 * hidden * hidden - 2 * hidden * kv) / (3 * hidden)))
-    return ModelShape(hidden, layers, vocab, intermediate, kv, tied, tuple(derived))
-
-
-@dataclass
-class MemoryEstimate:
-    """Estimated peak training memory in GiB by part; total_gib is the sum of the six parts."""
-
-    weights_gib: float
-    lora_gib: float
-    optimizer_gib: float
-    gradients_gib: float
-    activations_gib: float
-    overhead_gib: float
-    total_gib: float
-    logits_gib: float = 0.0  # the part of activations_gib that is loss logits
-    assumptions: dict[str, Any] = field(default_factory=dict)
-
-    def table(self) -> str:
-        """Return a readable breakdown: one row per part, then the total and the assumptions."""
-        notes = self.assumptions.get("notes", {})
-        rows = [
-            ("weights", self.weights_gib, notes.get("weights", "")),
-            ("lora", self.lora_gib, notes.get("lora", "")),
-            ("optimizer", self.optimizer_gib, notes.get("optimizer", "")),
-            ("gradients", self.gradients_gib, notes.get("gradients", "")),
-            ("activations", self.activations_gib, notes.get("activations", "")),
-            ("overhead", self.overhead_gib, notes.get("overhead", "")),
-        ]
-        lines = [f"{'part':<12} {'GiB':>7}  what"]
-        lines += [f"{name:<12} {gib:>7.2f}  {note}".rstrip() for name, gib, note in rows]
-        lines.append(f"{'total':<12} {self.total_gib:>7.2f}")
-        return "\n".join(lines)
-
-
-def _optimizer_bytes(optim: str) -> int:
-    """Return bytes of optimizer state per trainable parameter for a TrainingArguments optim name."""
-    name = optim.lower()
-    if "8bit" in name:
-        return ADAM_8BIT_BYTES
-    if name.startswith("sgd"):
-        return 0
-    return ADAM_FP32_BYTES  # adamw_torch, adamw_torch_fused, adafactor (bounded above by Adam), ...
-
-
-def _check_positive(**values: float) -> None:
-    """Raise ValueError naming the first value that is not a positive number."""
-    for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-            raise ValueError(f"{name} must be a positive number: got {value!r}; fix: pass e.g. {name}=1")
-
-
-def estimate_memory(
-    *,
-    model_params: float,
-    hidden_size: int | None = None,
-    num_layers: int | None = None,
-    vocab_size: int | None = None,
-    lora_r: int,
-    max_length: int,
-    micro_batch: int,
-    gradient_checkpointing: bool,
-    load_in_4bit: bool = True,
-    optim: str = "paged_adamw_8bit",
-    tokens_per_batch: int | None = None,
-    loss_type: str = "nll",
-    lora_dropout: float = 0.0,
-    dtype_bytes: int = 2,
-    device_kind: str = "cuda",
-) -> MemoryEstimate:
-    """Return the estimated peak memory of one QLoRA training step.
-
-    * weights: linear layers at 0.516 bytes/param in 4-bit nf4 (dtype_bytes otherwise); embeddings and
-      lm_head stay 16-bit (bitsandbytes skips them), once if tied.
-    * lora / gradients / optimizer: r * (in + out) parameters on each of the 7 projections of every
-      layer, fp32 weights and gradients, 2 (8-bit) or 8 (fp32 Adam) bytes of optimizer state.
-    * activations, per token of the micro-batch (T = tokens_per_batch, default micro_batch *
-      max_length, i.e. padded rows): a layer keeps dtype*(8h + 2kv + 4i) + 8h bytes for backward
-      (measured with saved_tensors_hooks on a Llama layer with LoRA under autocast: rotated q, k, v,
-      attention output, the 16-bit input copies PEFT's fp32 adapters make, four MLP tensors, the two
-      RMSNorm inputs in fp32; sdpa/flash keep no score matrix), plus 4*(6h + i) fp32 dropout copies
-      when lora_dropout > 0. Without checkpointing all layers keep it; with
-      checkpointing only each layer's input (dtype*h) is kept and one layer is recomputed at a time.
-      Plus the loss logits: 12 bytes per token per vocab entry for loss_type "nll"/"dft" (transformers
-      materializes them; with a 128k vocab this is the peak), or a 256-token chunk for TRL's
-      "chunked_nll". Logits and the layer recompute are not live at the same time.
-    * overhead: CUDA context and workspaces (0.75 GiB; 1 GiB of process memory on CPU), a 16-bit
-      dequantized copy of the largest 4-bit matrix for backward, and 10% allocator slack.
-    """
-    _check_positive(model_params=model_params, lora_r=lora_r, max_length=max_length, micro_batch=micro_batch)
-    if loss_type not in ("nll", "dft", "chunked_nll"):
-        raise ValueError(
-            f"loss_type not understood: got {loss_type!r}; fix: one of 'nll', 'dft', 'chunked_nll'"
-        )
-    shape = model_shape(model_params, hidden_size, num_layers, vocab_size)
-    h, n_layers, vocab, inter, kv = (
-        shape.hidden_size,
-        shape.num_layers,
-        shape.vocab_size,
-        shape.intermediate_size,
-        shape.kv_size,
-    )
-    tokens = int(tokens_per_batch) if tokens_per_batch else micro_batch * max_length
-
-    embed_params = vocab * h * (1 if shape.tied_embeddings else 2)
-    linear_params = max(model_params - embed_params, 0.0)
-    linear_bytes = NF4_BYTES_PER_PARAM if load_in_4bit else dtype_bytes
-    weights = linear_params * linear_bytes + embed_params * dtype_bytes
-
-    lora_params = lora_r * n_layers * (9 * h + 2 * kv + 3 * inter)
-    lora = lora_params * LORA_BYTES
-    grads = lora_params * GRAD_BYTES
-    opt = lora_params * _optimizer_bytes(optim)
-
-    per_layer = dtype_bytes * (8 * h + 2 * kv + 4 * inter) + 8 * h  # saved for backward, per token
-    if lora_dropout > 0:  # each adapter keeps its own fp32 dropped copy of its input
-        per_layer += 4 * (6 * h + inter)
-    grad_buffers = dtype_bytes * (2 * inter + 2 * h)  # gradients in flight inside one layer, per token
-    final_hidden = 2 * dtype_bytes * h  # last hidden state and its gradient, per token
-    if loss_type == "chunked_nll":
-        logits = min(tokens, CHUNKED_NLL_TOKENS) * vocab * LOGITS_BYTES_PER_VOCAB_TOKEN
-    else:
-        logits = tokens * vocab * LOGITS_BYTES_PER_VOCAB_TOKEN
-    if gradient_checkpointing:
-        kept = tokens * (dtype_bytes * h * n_layers + final_hidden)
-        activations = kept + max(logits, tokens * (per_layer + grad_buffers))
-    else:
-        kept = tokens * (per_layer * n_layers + final_hidden)
-        activations = kept + logits + tokens * grad_buffers
-
-    base = CUDA_CONTEXT_GIB * GIB if device_kind == "cuda" else CPU_PROCESS_GIB * GIB
-    dequant = 2 * h * inter * dtype_bytes if load_in_4bit else 0
-    overhead = base + dequant + ALLOCATOR_SLACK * activations
-
-    parts = [x / GIB for x in (weights, lora, opt, grads, activations, overhead)]
-    tied = "tied" if shape.tied_embeddings else "untied"
-    inputs = dict(
-        model_params=model_params,
-        hidden_size=hidden_size,
-        num_layers=num_layers,
-        vocab_size=vocab_size,
-        lora_r=lora_r,
-        max_length=max_length,
-        micro_batch=micro_batch,
-        gradient_checkpointing=gradient_checkpointing,
-        load_in_4bit=load_in_4bit,
-        optim=optim,
-        tokens_per_batch=tokens_per_batch,
-        loss_type=loss_type,
-        lora_dropout=lora_dropout,
-        dtype_bytes=dtype_bytes,
-        device_kind=device_kind,
-    )
-    return MemoryEstimate(
-        *parts,
-        total_gib=sum(parts),
-        logits_gib=logits / GIB,
-        assumptions={
-            "inputs": inputs,
-            "shape": asdict(shape),
-            "tokens_per_batch": tokens,
-            "lora_params": int(lora_params),
-            "notes": {
-                "weights": f"{linear_params / 1e9:.2f}B linear at {linear_bytes:.3f} B/param"
-                f" + {tied} embeddings {embed_params / 1e9:.2f}B at {dtype_bytes} B",
-                "lora": f"{lora_params / 1e6:.1f}M params (r={lora_r}, 7 projections x {n_layers} layers), fp32",
-                "optimizer": f"{optim}: {_optimizer_bytes(optim)} B/param",
-                "gradients": "fp32, LoRA params only",
-                "activations": f"{tokens} tokens/micro-batch, checkpointing {'on' if gradient_checkpointing else 'off'};"
-                f" logits ({loss_type}) {logits / GIB:.2f}",
-                "overhead": f"{'CUDA context' if device_kind == 'cuda' else 'process'} {base / GIB:.2f}"
-                f" + dequant buffer + {ALLOCATOR_SLACK:.0%} of activations",
-            },
-        },
-    )
-
-
 # --- Choosing settings -------------------------------------------------------------------------
 
 FLASH_ATTENTION_VARIANTS = frozenset(
@@ -536,7 +186,8 @@ FLASH_ATTENTION_VARIANTS = frozenset(
 )
 # Keys choose() returns that are not SFTConfig fields; sft_kwargs() drops them.
 NON_SFT_KEYS = ("attn_implementation", "estimated_peak_gib", "estimate", "reasons", "warnings")
-_DECIDED = (
+# The train: settings chosen from the hardware unless the config sets them: the one list (training reads it too).
+HARDWARE_KEYS = (
     "per_device_train_batch_size",
     "gradient_accumulation_steps",
     "gradient_checkpointing",
@@ -586,6 +237,62 @@ def _row_tokens(settings: dict, max_length: int, length_stats: dict | None, micr
     return micro * longest, f"{micro} rows padded to the longest, {longest} ({src})"
 
 
+@dataclass
+class _Choice:
+    """choose()'s working state: the machine and its budget, the settings so far, and a line for each decision."""
+
+    hardware: Hardware
+    max_length: int
+    length_stats: dict | None
+    settings: dict[str, Any] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    model: dict[str, Any] = field(default_factory=dict)  # estimate_memory() inputs that do not vary with the batch
+
+    @property
+    def cuda(self) -> bool:
+        """Return True on a CUDA GPU."""
+        return self.hardware.kind == "cuda"
+
+    @property
+    def budget(self) -> float:
+        """Return the GiB the plan may use: BUDGET_FRACTION of the device's memory."""
+        return BUDGET_FRACTION * self.hardware.memory_gib
+
+    @property
+    def cap_text(self) -> str:
+        """Return "capability 7.5" on a GPU, else the device kind."""
+        cap = self.hardware.capability
+        return f"capability {cap[0]}.{cap[1]}" if cap else self.hardware.kind
+
+    @property
+    def flash_capable(self) -> bool:
+        """Return True on a GPU that runs flash-attention kernels (capability >= 8.0)."""
+        cap = self.hardware.capability
+        return self.cuda and cap is not None and cap >= (8, 0)
+
+    def estimate(self, micro: int, gc: bool) -> MemoryEstimate:
+        """Return the memory estimate of these settings at micro-batch `micro`, checkpointing `gc`."""
+        tokens, _ = _row_tokens(self.settings, self.max_length, self.length_stats, micro)
+        return estimate_memory(
+            **self.model,
+            max_length=self.max_length,
+            micro_batch=micro,
+            gradient_checkpointing=gc,
+            optim=str(self.settings["optim"]),
+            tokens_per_batch=tokens,
+        )
+
+    def largest_fitting(self, cap: int, gc: bool) -> int | None:
+        """Return the largest power-of-two micro-batch <= cap that fits the budget, or None."""
+        micro = cap
+        while micro >= 1:
+            if self.estimate(micro, gc).total_gib <= self.budget:
+                return micro
+            micro //= 2
+        return None
+
+
 def choose(
     hardware: Hardware,
     *,
@@ -617,52 +324,85 @@ def choose(
     row) replaces max_length with the real longest row. `attn_implementation` is what the model will
     be loaded with, if already decided; a non-flash one rules out packing.
     """
+    _check_choose_inputs(model_params, max_length, lora_r, target_effective_batch, length_stats)
+    c = _Choice(hardware, max_length, length_stats)
+    user = _renamed_user_keys(c, dict(user or {}))
+    c.reasons.append(
+        f"hardware: {hardware.name}, {hardware.memory_gib:.1f} GiB, {c.cap_text} "
+        f"-> plan to {BUDGET_FRACTION:.0%} = {c.budget:.1f} GiB"
+    )
+    _precision(c)
+    attn = _padding(c, attn_implementation)
+    _user_settings_win(c, user)
+    loss_type = user.get("loss_type", "nll")
+    c.model = dict(
+        model_params=model_params,
+        hidden_size=hidden_size,
+        num_layers=num_layers,
+        vocab_size=vocab_size,
+        lora_r=lora_r,
+        load_in_4bit=load_in_4bit,
+        loss_type=loss_type,
+        lora_dropout=lora_dropout,
+        dtype_bytes=2 if c.cuda else 4,
+        device_kind="cuda" if c.cuda else "cpu",
+    )
+    cap = min(target_effective_batch, CPU_MAX_MICRO_BATCH) if hardware.kind == "cpu" else target_effective_batch
+    micro, accum, gc = _batch_geometry(c, user, cap, target_effective_batch)
+    final = c.estimate(micro, gc)
+    _explain_estimate(c, final, micro, model_params, loss_type)
+    _warnings(c, user, final, micro * accum, cap, attn)
+    result = {k: c.settings[k] for k in HARDWARE_KEYS if k in c.settings}
+    result["attn_implementation"] = attn
+    result["estimated_peak_gib"] = round(final.total_gib, 2)
+    result["estimate"] = _rounded(asdict(final))
+    result["reasons"] = c.reasons
+    result["warnings"] = c.warnings
+    return result
+
+
+def _check_choose_inputs(
+    model_params: float, max_length: int, lora_r: int, target_effective_batch: int, length_stats: dict | None
+) -> None:
+    """Raise a LabError naming the first input choose() cannot plan with."""
     _check_positive(model_params=model_params, max_length=max_length, lora_r=lora_r)
     if not _is_power_of_two(target_effective_batch):
-        raise ValueError(
-            f"target_effective_batch must be a power of two: got {target_effective_batch!r}; "
-            "fix: use 8, 16 or 32"
-        )
+        raise problem("target_effective_batch must be a power of two", got=repr(target_effective_batch), fix="use 8, 16 or 32")
     for key, value in (length_stats or {}).items():
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
-            raise ValueError(
-                f"length_stats[{key!r}] must be a positive token count: got {value!r}; "
-                "fix: pass e.g. {'p50': 310, 'p95': 900, 'max': 2048}"
+            raise problem(
+                f"length_stats[{key!r}] must be a positive token count",
+                got=repr(value),
+                fix="pass e.g. {'p50': 310, 'p95': 900, 'max': 2048}",
             )
-    user = dict(user or {})
-    warnings: list[str] = []
-    reasons: list[str] = []
+
+
+def _renamed_user_keys(c: _Choice, user: dict) -> dict:
+    """Return user with transformers 4's group_by_length turned into train_sampling_strategy (and a warning)."""
     if "group_by_length" in user:
         wanted = user.pop("group_by_length")
         user.setdefault("train_sampling_strategy", "group_by_length" if wanted else "random")
-        warnings.append(
+        c.warnings.append(
             f"group_by_length={wanted!r} is not a field in transformers 5 (SFTConfig raises TypeError); "
             f"fix: train_sampling_strategy: {user['train_sampling_strategy']} (used here)"
         )
+    return user
 
-    cuda = hardware.kind == "cuda"
-    cap = hardware.capability
-    cap_text = f"capability {cap[0]}.{cap[1]}" if cap else hardware.kind
-    budget = BUDGET_FRACTION * hardware.memory_gib
-    dtype_bytes = 2 if cuda else 4
-    reasons.append(
-        f"hardware: {hardware.name}, {hardware.memory_gib:.1f} GiB, {cap_text} "
-        f"-> plan to {BUDGET_FRACTION:.0%} = {budget:.1f} GiB"
-    )
 
-    # Precision and optimizer.
-    settings: dict[str, Any] = {}
-    settings["fp16"] = cuda and not hardware.bf16
-    settings["bf16"] = cuda and hardware.bf16
+def _precision(c: _Choice) -> None:
+    """Step 1: fp16/bf16 from the compute capability, and the optimizer the device can run."""
+    hw, cuda = c.hardware, c.cuda
+    c.settings["fp16"] = cuda and not hw.bf16
+    c.settings["bf16"] = cuda and hw.bf16
     if not cuda:
-        reasons.append(f"bf16: False, fp16: False ({hardware.name}: no CUDA mixed precision) -> fp32")
-    elif hardware.bf16:
-        reasons.append(f"bf16: True ({hardware.name}, {cap_text} has bf16) -> bf16, no loss scaling")
+        c.reasons.append(f"bf16: False, fp16: False ({hw.name}: no CUDA mixed precision) -> fp32")
+    elif hw.bf16:
+        c.reasons.append(f"bf16: True ({hw.name}, {c.cap_text} has bf16) -> bf16, no loss scaling")
     else:
-        reasons.append(f"bf16: False ({hardware.name}, {cap_text} has no bf16) -> fp16")
-    settings["optim"] = "paged_adamw_8bit" if cuda else "adamw_torch"
-    reasons.append(
-        f"optim: {settings['optim']} "
+        c.reasons.append(f"bf16: False ({hw.name}, {c.cap_text} has no bf16) -> fp16")
+    c.settings["optim"] = "paged_adamw_8bit" if cuda else "adamw_torch"
+    c.reasons.append(
+        f"optim: {c.settings['optim']} "
         + (
             "(8-bit Adam states, paged to CPU RAM during spikes)"
             if cuda
@@ -670,104 +410,79 @@ def choose(
         )
     )
 
-    # Padding avoidance.
-    flash_capable = cuda and cap is not None and cap >= (8, 0)
-    attn_ok = attn_implementation is None or _uses_flash(attn_implementation)
-    if flash_capable and attn_ok:
-        settings.update(
+
+def _padding(c: _Choice, attn_implementation: str | None) -> str:
+    """Step 2: packing with flash-attention where the GPU has it, else length grouping; return the attention."""
+    max_length, length_stats = c.max_length, c.length_stats
+    if c.flash_capable and (attn_implementation is None or _uses_flash(attn_implementation)):
+        c.settings.update(
             padding_free=True, packing=True, packing_strategy="bfd", train_sampling_strategy="random"
         )
         attn = attn_implementation or "flash_attention_2"
         per_row = ""
         if length_stats and length_stats.get("p50"):
             per_row = f", ~{max(1, max_length // int(length_stats['p50']))} median rows per packed row"
-        reasons.append(
-            f"padding: packing=True, packing_strategy=bfd, padding_free=True ({cap_text} runs flash-attention; "
+        c.reasons.append(
+            f"padding: packing=True, packing_strategy=bfd, padding_free=True ({c.cap_text} runs flash-attention; "
             f"load the model with attn_implementation='{attn}') -> no padding and no cross-row attention; "
             f"the effective batch counts packed rows of <= {max_length} tokens, not examples{per_row}"
         )
     else:
-        settings.update(padding_free=False, packing=False, train_sampling_strategy="group_by_length")
+        c.settings.update(padding_free=False, packing=False, train_sampling_strategy="group_by_length")
         attn = attn_implementation or "sdpa"
         why = (
             f"attn_implementation={attn_implementation!r} is not flash-attention"
-            if flash_capable
-            else f"{cap_text}: no flash-attention kernels"
-            if cuda
-            else f"{hardware.name}: no flash-attention"
+            if c.flash_capable
+            else f"{c.cap_text}: no flash-attention kernels"
+            if c.cuda
+            else f"{c.hardware.name}: no flash-attention"
         )
-        reasons.append(
+        c.reasons.append(
             f"padding: train_sampling_strategy=group_by_length ({why}; padding-free would need a dense "
             "(micro x len)^2 mask) -> rows of similar length share a micro-batch, padded only to the "
             "longest of them; correct with any attention; the longest batch runs first"
         )
     if length_stats and length_stats.get("p50"):
         waste = 1 - min(int(length_stats["p50"]), max_length) / max_length
-        reasons.append(
+        c.reasons.append(
             f"rows: p50 {length_stats.get('p50')}, p95 {length_stats.get('p95', '?')}, max "
             f"{length_stats.get('max', '?')} tokens; padding every row to {max_length} would spend "
             f"~{waste:.0%} of compute on padding"
         )
+    return attn
 
-    # Explicit user settings win from here on.
+
+def _user_settings_win(c: _Choice, user: dict) -> None:
+    """Step 3: the user's explicit hardware keys replace the chosen ones (packing off takes padding_free with it)."""
     for key in ("per_device_train_batch_size", "gradient_accumulation_steps"):
         if key in user and not (_is_int(user[key]) and user[key] >= 1):
-            raise ValueError(f"{key} must be a whole number >= 1: got {user[key]!r}; fix: e.g. {key}: 2")
-    overridden = {k: user[k] for k in _DECIDED if k in user and user[k] != settings.get(k)}
-    settings.update({k: user[k] for k in _DECIDED if k in user})
+            raise problem(f"train.{key} must be a whole number >= 1", got=repr(user[key]), fix=f"e.g. {key}: 2")
+    settings = c.settings
+    overridden = {k: user[k] for k in HARDWARE_KEYS if k in user and user[k] != settings.get(k)}
+    settings.update({k: user[k] for k in HARDWARE_KEYS if k in user})
     if not settings["packing"] and settings["padding_free"] and "padding_free" not in user:
         settings["padding_free"] = False  # chosen only as part of packing, which the user turned off
         if "train_sampling_strategy" not in user:
             settings["train_sampling_strategy"] = "group_by_length"
     if overridden:
-        reasons.append("your settings win: " + ", ".join(f"{k}={v!r}" for k, v in overridden.items()))
-    loss_type = user.get("loss_type", "nll")
-    optim = str(settings["optim"])
+        c.reasons.append("your settings win: " + ", ".join(f"{k}={v!r}" for k, v in overridden.items()))
 
-    def estimate(micro: int, gc: bool) -> MemoryEstimate:
-        tokens, _ = _row_tokens(settings, max_length, length_stats, micro)
-        return estimate_memory(
-            model_params=model_params,
-            hidden_size=hidden_size,
-            num_layers=num_layers,
-            vocab_size=vocab_size,
-            lora_r=lora_r,
-            max_length=max_length,
-            micro_batch=micro,
-            gradient_checkpointing=gc,
-            load_in_4bit=load_in_4bit,
-            optim=optim,
-            tokens_per_batch=tokens,
-            loss_type=loss_type,
-            lora_dropout=lora_dropout,
-            dtype_bytes=dtype_bytes,
-            device_kind="cuda" if cuda else "cpu",
-        )
 
-    cap = (
-        min(target_effective_batch, CPU_MAX_MICRO_BATCH) if hardware.kind == "cpu" else target_effective_batch
-    )
-
-    def largest_fitting(gc: bool) -> int | None:
-        micro = cap
-        while micro >= 1:
-            if estimate(micro, gc).total_gib <= budget:
-                return micro
-            micro //= 2
-        return None
-
-    # Micro-batch, then checkpointing, then accumulation.
+def _batch_geometry(c: _Choice, user: dict, cap: int, target: int) -> tuple[int, int, bool]:
+    """Step 4: return (micro-batch, accumulation, checkpointing): the largest micro-batch that fits, then the rest."""
+    settings, budget = c.settings, c.budget
     user_micro = "per_device_train_batch_size" in user
     user_gc = "gradient_checkpointing" in user
     plan_gc = bool(settings["gradient_checkpointing"]) if user_gc else True
     if user_micro:
         micro = int(settings["per_device_train_batch_size"])
+        why_micro = "your setting"
     else:
-        micro = largest_fitting(plan_gc) or 1
-        if micro == cap < target_effective_batch:
+        micro = c.largest_fitting(cap, plan_gc) or 1
+        if micro == cap < target:
             why_micro = f"at most {cap} on a CPU: more rows per micro-batch add no speed there, only padding and memory"
-        elif micro < target_effective_batch:
-            over = estimate(micro * 2, plan_gc).total_gib
+        elif micro < target:
+            over = c.estimate(micro * 2, plan_gc).total_gib
             why_micro = (
                 f"largest power of two that fits: {micro * 2} would need ~{over:.1f} GiB > {budget:.1f} GiB"
             )
@@ -777,7 +492,7 @@ def choose(
         gc = bool(settings["gradient_checkpointing"])
         why_gc = "your setting"
     else:
-        without = estimate(micro, False).total_gib
+        without = c.estimate(micro, False).total_gib
         gc = without > budget
         why_gc = (
             f"micro-batch {micro} without it needs ~{without:.1f} GiB > {budget:.1f} GiB; costs ~30% more compute"
@@ -787,96 +502,95 @@ def choose(
     if "gradient_accumulation_steps" in user:
         accum = int(settings["gradient_accumulation_steps"])
     else:
-        accum = max(1, target_effective_batch // micro)
+        accum = max(1, target // micro)
     settings["per_device_train_batch_size"] = micro
     settings["gradient_accumulation_steps"] = accum
     settings["gradient_checkpointing"] = gc
-    reasons.append(
+    c.reasons.append(
         f"per_device_train_batch_size: {micro} x gradient_accumulation_steps {accum} = effective batch "
-        f"{micro * accum} ({'your setting' if user_micro else why_micro})"
+        f"{micro * accum} ({why_micro})"
     )
-    reasons.append(f"gradient_checkpointing: {gc} ({why_gc})")
+    c.reasons.append(f"gradient_checkpointing: {gc} ({why_gc})")
+    return micro, accum, gc
 
-    final = estimate(micro, gc)
-    tokens, how = _row_tokens(settings, max_length, length_stats, micro)
+
+def _explain_estimate(c: _Choice, final: MemoryEstimate, micro: int, model_params: float, loss_type: str) -> None:
+    """Step 5: reason lines for the model shape, tokens per micro-batch, the logits and the estimated peak."""
+    tokens, how = _row_tokens(c.settings, c.max_length, c.length_stats, micro)
     shape = final.assumptions["shape"]
     derived = (
         f" (derived from {model_params / 1e9:.3g}B params by the Llama rule)" if shape["derived"] else ""
     )
-    reasons.append(
+    c.reasons.append(
         f"model: hidden {shape['hidden_size']}, {shape['num_layers']} layers, vocab {shape['vocab_size']}{derived}"
     )
-    reasons.append(f"tokens per micro-batch at the peak: {tokens} ({how})")
+    c.reasons.append(f"tokens per micro-batch at the peak: {tokens} ({how})")
     if loss_type == "chunked_nll":
-        reasons.append("logits: loss_type=chunked_nll keeps 256 tokens' logits at a time")
+        c.reasons.append("logits: loss_type=chunked_nll keeps 256 tokens' logits at a time")
     else:
         chunked = estimate_memory(**{**_estimate_kwargs(final), "loss_type": "chunked_nll"})
-        reasons.append(
+        c.reasons.append(
             f"logits: planned for full fp32 logits (loss_type={loss_type}): {final.logits_gib:.1f} GiB of the peak; "
             f"TRL 1.14's default loss_type=chunked_nll would peak at ~{chunked.total_gib:.1f} GiB instead"
         )
-    reasons.append(f"estimated peak: {final.total_gib:.2f} GiB of {hardware.memory_gib:.2f} GiB")
+    c.reasons.append(f"estimated peak: {final.total_gib:.2f} GiB of {c.hardware.memory_gib:.2f} GiB")
 
-    # Warnings: explicit settings that will not fit or not work.
+
+def _warnings(c: _Choice, user: dict, final: MemoryEstimate, effective: int, cap: int, attn: str) -> None:
+    """Step 6: one warning per explicit setting that will not fit or not work, each with its fix."""
+    settings, hw, budget, cuda = c.settings, c.hardware, c.budget, c.cuda
+    optim = str(settings["optim"])
     if final.total_gib > budget:
-        if user_micro or user_gc:
-            fit_micro = largest_fitting(True)
-            if fit_micro is not None:
-                fix = (
-                    f"per_device_train_batch_size={fit_micro} with gradient_accumulation_steps="
-                    f"{max(1, (micro * accum) // fit_micro)} (same effective batch) and gradient_checkpointing=True, "
-                    "or drop these settings and let the profile choose"
-                )
-            else:
-                fix = _shorter_max_length_fix(estimate, max_length, budget)
-            what = ", ".join(
-                f"{k}={user[k]}"
-                for k in ("per_device_train_batch_size", "gradient_checkpointing")
-                if k in user
-            )
-        else:
-            fix = _shorter_max_length_fix(estimate, max_length, budget)
-            what = f"even micro-batch 1 with gradient checkpointing at max_length {max_length}"
-        warnings.append(
-            f"does not fit: {what} needs ~{final.total_gib:.1f} GiB, {hardware.name} has "
-            f"{hardware.memory_gib:.1f} GiB (plan {budget:.1f}); fix: {fix}"
-        )
-    if settings["bf16"] and not hardware.bf16:
-        warnings.append(
-            f"bf16=True but {hardware.name} ({cap_text}) has no bf16: it is emulated or refused; "
+        c.warnings.append(_does_not_fit(c, user, final, effective, cap))
+    if settings["bf16"] and not hw.bf16:
+        c.warnings.append(
+            f"bf16=True but {hw.name} ({c.cap_text}) has no bf16: it is emulated or refused; "
             f"fix: {'fp16: true, bf16: false' if cuda else 'bf16: false'}"
         )
     if settings["fp16"] and not cuda:
-        warnings.append(f"fp16=True on {hardware.name}: fp16 mixed precision needs CUDA; fix: fp16: false")
+        c.warnings.append(f"fp16=True on {hw.name}: fp16 mixed precision needs CUDA; fix: fp16: false")
     if settings["fp16"] and settings["bf16"]:
-        warnings.append("fp16=True and bf16=True: pick one; fix: keep bf16 where the GPU has it, else fp16")
+        c.warnings.append("fp16=True and bf16=True: pick one; fix: keep bf16 where the GPU has it, else fp16")
     if not cuda and "paged" in optim:
-        warnings.append(
-            f"optim={optim} on {hardware.name}: paged optimizers need CUDA; fix: optim: adamw_torch"
-        )
+        c.warnings.append(f"optim={optim} on {hw.name}: paged optimizers need CUDA; fix: optim: adamw_torch")
     if settings["padding_free"] and not settings["packing"]:
-        warnings.append(
+        c.warnings.append(
             "padding_free=True without packing: TRL 1.14 raises ValueError while max_length is set; "
             "fix: packing: true (packing_strategy: bfd), or max_length: null with rows truncated beforehand"
         )
     if (settings["padding_free"] or settings["packing"]) and not _uses_flash(attn):
-        warnings.append(
+        c.warnings.append(
             f"padding_free/packing with attn_implementation={attn!r}: correct in transformers 5.17 only through a "
             f"dense (micro x len)^2 mask, slow and memory-hungry; fix: "
             + (
                 "load the model with attn_implementation='flash_attention_2'"
-                if flash_capable
+                if c.flash_capable
                 else "train_sampling_strategy: group_by_length, padding_free: false, packing: false"
             )
         )
 
-    ordered = {k: settings[k] for k in _DECIDED if k in settings}
-    ordered["attn_implementation"] = attn
-    ordered["estimated_peak_gib"] = round(final.total_gib, 2)
-    ordered["estimate"] = _rounded(asdict(final))
-    ordered["reasons"] = reasons
-    ordered["warnings"] = warnings
-    return ordered
+
+def _does_not_fit(c: _Choice, user: dict, final: MemoryEstimate, effective: int, cap: int) -> str:
+    """Return the warning for a plan over budget: what does not fit, and the fix (a smaller geometry or max_length)."""
+    explicit = [k for k in ("per_device_train_batch_size", "gradient_checkpointing") if k in user]
+    fit_micro = c.largest_fitting(cap, True) if explicit else None
+    if fit_micro is not None:
+        fix = (
+            f"per_device_train_batch_size={fit_micro} with gradient_accumulation_steps="
+            f"{max(1, effective // fit_micro)} (same effective batch) and gradient_checkpointing=True, "
+            "or drop these settings and let the profile choose"
+        )
+    else:
+        fix = _shorter_max_length_fix(c.estimate, c.max_length, c.budget)
+    what = (
+        ", ".join(f"{k}={user[k]}" for k in explicit)
+        if explicit
+        else f"even micro-batch 1 with gradient checkpointing at max_length {c.max_length}"
+    )
+    return (
+        f"does not fit: {what} needs ~{final.total_gib:.1f} GiB, {c.hardware.name} has "
+        f"{c.hardware.memory_gib:.1f} GiB (plan {c.budget:.1f}); fix: {fix}"
+    )
 
 
 def _estimate_kwargs(est: MemoryEstimate) -> dict:
@@ -953,98 +667,3 @@ def is_oom(exc: BaseException) -> bool:
             return True
         current = current.__cause__ or current.__context__
     return False
-
-
-# --- Command line ------------------------------------------------------------------------------
-
-
-def _parse_params(text: str) -> float:
-    """Return a parameter count from '1.24e9', '1240000000', '1.24B' or '135M'."""
-    match = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([kmbt]?)\s*", text.lower())
-    if not match:
-        raise argparse.ArgumentTypeError(f"not a parameter count: got {text!r}; fix: e.g. 1.24e9 or 1.24B")
-    scale = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}[match.group(2)]
-    return float(match.group(1)) * scale
-
-
-def _parse_set(text: str) -> tuple[str, Any]:
-    """Return (key, value) from KEY=VALUE, reading VALUE as JSON when it parses (8, true, "x")."""
-    key, sep, raw = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(
-            f"--set needs KEY=VALUE: got {text!r}; fix: e.g. --set per_device_train_batch_size=4"
-        )
-    try:
-        value = json.loads(raw)
-    except json.JSONDecodeError:
-        value = raw
-    return key.strip(), value
-
-
-def _format_settings(settings: dict, hardware: Hardware) -> str:
-    """Return the readable (non-JSON) report of choose()'s result."""
-    est = settings["estimate"]
-    lines = [f"Training defaults for {hardware.name} ({hardware.memory_gib:.1f} GiB)", ""]
-    for key, value in sft_kwargs(settings).items():
-        lines.append(f"  {key:<30} {value}")
-    lines.append(f"  {'attn_implementation':<30} {settings['attn_implementation']}  (model loading)")
-    lines += ["", f"Estimated peak: {settings['estimated_peak_gib']:.2f} GiB", ""]
-    lines.append(MemoryEstimate(**{k: v for k, v in est.items()}).table())
-    lines += ["", "Why:"] + [f"  - {r}" for r in settings["reasons"]]
-    if settings["warnings"]:
-        lines += ["", "Warnings:"] + [f"  ! {w}" for w in settings["warnings"]]
-    return "\n".join(lines)
-
-
-def cli(argv: list[str] | None = None) -> int:
-    """Run `python -m lab_utils defaults ...`; print the chosen settings and return the exit code."""
-    args_in = list(sys.argv[1:] if argv is None else argv)
-    if args_in[:1] == ["defaults"]:
-        args_in = args_in[1:]
-    parser = argparse.ArgumentParser(
-        prog="python -m lab_utils defaults",
-        description="Print the training settings that fit this GPU, with a memory estimate and the reasons.",
-    )
-    parser.add_argument("--gpu", default="auto", help=f"{', '.join(KNOWN_GPU_NAMES)} or auto (this machine)")
-    parser.add_argument("--model-params", type=_parse_params, required=True, help="e.g. 1.24e9 or 1.24B")
-    parser.add_argument("--max-length", type=int, required=True, help="tokens per row (SFTConfig max_length)")
-    parser.add_argument("--lora-r", type=int, default=32)
-    parser.add_argument(
-        "--effective-batch", type=int, default=16, help="micro-batch x accumulation (power of two)"
-    )
-    parser.add_argument("--hidden-size", type=int, help="default: derived from --model-params (Llama rule)")
-    parser.add_argument("--num-layers", type=int, help="default: derived from --model-params (Llama rule)")
-    parser.add_argument("--vocab-size", type=int, help="default: 128256 (Llama 3)")
-    parser.add_argument(
-        "--set",
-        dest="user",
-        action="append",
-        type=_parse_set,
-        default=[],
-        metavar="KEY=VALUE",
-        help="an explicit SFTConfig setting that wins, e.g. per_device_train_batch_size=8 (repeatable)",
-    )
-    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    args = parser.parse_args(args_in)
-    try:
-        hardware = detect_hardware() if args.gpu.strip().lower() == "auto" else hardware_from_name(args.gpu)
-        settings = choose(
-            hardware,
-            model_params=args.model_params,
-            max_length=args.max_length,
-            lora_r=args.lora_r,
-            hidden_size=args.hidden_size,
-            num_layers=args.num_layers,
-            vocab_size=args.vocab_size,
-            target_effective_batch=args.effective_batch,
-            user=dict(args.user),
-        )
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(json.dumps(settings, indent=2) if args.json else _format_settings(settings, hardware))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

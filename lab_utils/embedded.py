@@ -23,7 +23,10 @@ import shutil
 from pathlib import Path
 
 from .chat import chatml_template
+from .choices import EMBEDDED_DATA, EMBEDDED_DATASETS, EMBEDDED_MODEL, EMBEDDED_TOOLS  # noqa: F401 — names config checks
 from .errors import LabError
+from .files import write_text
+from .metrics import parse_price  # noqa: F401 — re-exported: the scorer moved to metrics.py
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -37,11 +40,6 @@ __all__ = [
     "EMBEDDED_TOOLS",
     "parse_price",
 ]
-
-EMBEDDED_MODEL = "embedded:tiny-llama"
-EMBEDDED_DATA = "embedded:pricer"
-EMBEDDED_TOOLS = "embedded:tools"  # a small tool-calling task: pick the tool, fill its arguments
-EMBEDDED_DATASETS = (EMBEDDED_DATA, EMBEDDED_TOOLS)
 
 # The tiny model's shape: small enough to train on 2 CPU cores in minutes, Llama in every detail
 # that matters to the tooling (GQA, RoPE, SwiGLU MLP, untied head, SentencePiece vocab).
@@ -228,14 +226,6 @@ def tool_rows(n: int = TOOLS_ROWS, seed: int = DATA_SEED) -> list[dict]:
     return rows
 
 
-def parse_price(text: str) -> float | None:
-    """Return the first dollar amount in `text` ("Price is $120" → 120.0), or None."""
-    import re
-
-    m = re.search(r"\$\s*([0-9][0-9,]*(?:\.[0-9]+)?)", text)
-    return float(m.group(1).replace(",", "")) if m else None
-
-
 def resolve_data(path: str) -> str:
     """Return a real file path for a data source: the embedded JSONL for `embedded:pricer` / `embedded:tools`, an
     existing local file or folder as an absolute path, else `path` (a hub id)."""
@@ -251,11 +241,7 @@ def resolve_data(path: str) -> str:
         out, make = cache_root() / f"pricer-v{PRICER_VERSION}-{DATA_SEED}-{DATA_ROWS}.jsonl", pricer_rows
     if not out.exists():
         out.parent.mkdir(parents=True, exist_ok=True)
-        from .config import tmp_path
-
-        tmp = tmp_path(out)  # two notebooks may build it at once
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in make()))
-        tmp.replace(out)
+        write_text(out, "".join(json.dumps(r) + "\n" for r in make()))  # two notebooks may build it at once
     return str(out)
 
 

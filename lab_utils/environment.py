@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from .errors import LabError
+from .hardware import bf16_capable  # noqa: F401 (re-exported: moved to hardware.py)
 
 __all__ = [
     "in_colab",
@@ -179,20 +180,19 @@ def require_hardware(profile: str, origin: str = "profile") -> None:
     spec = PROFILES.get(profile)
     if spec is None or spec["hardware"] == "cpu":
         return
-    import torch
+    from .hardware import detect_hardware
 
     wanted = hardware_from_name(spec["hardware"])
-    if not torch.cuda.is_available():
+    hw = detect_hardware()
+    if hw.kind != "cuda":
         raise LabError(
             f"{origin} {profile} needs a CUDA GPU ({spec['hardware']}), and this machine has none — on Colab pick "
             "Runtime → Change runtime type → T4 GPU; elsewhere set LAB_PROFILE=auto (or cpu-smoke)"
         )
-    props = torch.cuda.get_device_properties(0)
-    memory = props.total_memory / 2**30
-    if memory < 0.95 * wanted.memory_gib:
+    if hw.memory_gib < 0.95 * wanted.memory_gib:
         raise LabError(
             f"{origin} {profile} is sized for a {spec['hardware']} ({wanted.memory_gib:.0f} GiB), this GPU is a "
-            f"{props.name} with {memory:.1f} GiB — set LAB_PROFILE=auto to size the batch for this GPU"
+            f"{hw.name} with {hw.memory_gib:.1f} GiB — set LAB_PROFILE=auto to size the batch for this GPU"
         )
 
 
@@ -217,7 +217,7 @@ def check_hub_repo(repo_id: str, *, key: str, repo_type: str = "model", revision
     Call it only for ids that are not cached locally; with HF_HUB_OFFLINE set it does nothing.
     """
     what = "model" if repo_type == "model" else "dataset"
-    if hub_offline():
+    if hub_offline(datasets=repo_type == "dataset"):
         return
     if not hub_reachable():
         raise LabError(
@@ -249,9 +249,14 @@ def check_hub_repo(repo_id: str, *, key: str, repo_type: str = "model", revision
         return  # the Hub answered oddly: loading it reports that, with the library's own words
 
 
-def hub_offline() -> bool:
-    """Return True when HF_HUB_OFFLINE asks the Hugging Face libraries not to use the network."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+def hub_offline(datasets: bool = False) -> bool:
+    """Return True when HF_HUB_OFFLINE (or, for datasets, HF_DATASETS_OFFLINE) asks not to use the network.
+
+    The one reading of the flag. Read at each call, not huggingface_hub.constants.HF_HUB_OFFLINE (fixed when
+    huggingface_hub is first imported), so a flag set later in the session counts; parsed as huggingface_hub does.
+    """
+    names = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if datasets else ("HF_HUB_OFFLINE",)
+    return any(os.environ.get(n, "").strip().upper() in ("1", "ON", "YES", "TRUE") for n in names)
 
 
 def on_drive(path: Path) -> bool:
@@ -292,21 +297,6 @@ def show_port_in_colab(port: int, height: int = 600) -> bool:
     return True
 
 
-def bf16_capable(capability: tuple[int, int] | None = None) -> bool:
-    """Return True when the GPU (CUDA device 0, or the given compute capability) has native bf16: capability >= 8.0.
-
-    The one bf16 decision: torch.cuda.is_bf16_supported() is not asked, since in torch 2.13 it counts
-    emulation and says True on a T4 (7.5), where bf16 is slow and training uses fp16.
-    """
-    if capability is None:
-        import torch
-
-        if not torch.cuda.is_available():
-            return False
-        capability = tuple(torch.cuda.get_device_capability(0))
-    return tuple(capability) >= (8, 0)
-
-
 _PLAIN = "plain transformers + peft + bitsandbytes"
 _unsloth_import: dict[str, tuple[bool, str]] = {}  # the outcome of importing unsloth, once per process
 
@@ -315,9 +305,9 @@ def _unsloth_wanted() -> str | None:
     """Return why unsloth is not for this machine (LAB_NO_UNSLOTH, no CUDA GPU, not installed), or None."""
     if os.environ.get("LAB_NO_UNSLOTH"):
         return "LAB_NO_UNSLOTH is set"
-    import torch
+    from .hardware import cuda_available
 
-    if not torch.cuda.is_available():
+    if not cuda_available():
         return "no CUDA GPU; unsloth needs one"
     if importlib.util.find_spec("unsloth") is None:
         return "unsloth is not installed"
@@ -375,14 +365,16 @@ def environment_report(root: Path | None = None) -> list[tuple[str, str]]:
     """Return rows (what, value) describing GPU, VRAM, bf16, Drive space, torch and training path."""
     import torch
 
+    from .hardware import detect_hardware
+
     rows: list[tuple[str, str]] = [("Colab", "yes" if in_colab() else "no")]
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
+    hw = detect_hardware()
+    if hw.kind == "cuda" and hw.capability is not None:
         rows += [
-            ("GPU", props.name),
-            ("GPU memory", f"{props.total_memory / 2**30:.1f} GiB"),
-            ("compute capability", f"{props.major}.{props.minor}"),
-            ("bf16", "yes" if bf16_capable((props.major, props.minor)) else "no (fp16 will be used)"),
+            ("GPU", hw.name),
+            ("GPU memory", f"{hw.memory_gib:.1f} GiB"),
+            ("compute capability", f"{hw.capability[0]}.{hw.capability[1]}"),
+            ("bf16", "yes" if hw.bf16 else "no (fp16 will be used)"),
         ]
     else:
         rows += [("GPU", "none — CPU only: the embedded demo trains in minutes; a real model takes seconds to minutes "

@@ -152,15 +152,16 @@ def install_handler() -> None:
     sys.excepthook = hook
 
 
-def problem(what: str, got: object = None, fix: str = "") -> LabError:
+def problem(what: str, got: object = None, fix: str = "", *, kind: type[Exception] = LabError) -> Exception:
     """Return the one-line LabError in the lab's one style: "what, got X — fix" (got and fix optional).
 
     ``got`` is shown as written when it is a string (quote it yourself), else as its repr. Raise it:
     ``raise problem("train.learning_rate must be a number", got="'fast'", fix="e.g. 2e-4")``.
+    kind: another exception type for a library function whose callers catch it (e.g. ValueError).
     """
     line = what
     if got is not None:
         line += f", got {got!r}" if not isinstance(got, str) or got == "" else f", got {got}"
     if fix:
         line += f" — {fix}"
-    return LabError(line)
+    return kind(line)

@@ -27,39 +27,42 @@ eval/metrics.json (contract):
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import json
 import math
-import os
 import random
-import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import tmp_path
-from .embedded import parse_price
 from .errors import LabError
+from .files import write_json, write_text
+from .metrics import (  # noqa: F401 — re-exported: the metric choice, scorers and baseline moved to metrics.py
+    METRICS,
+    TIE_RELATIVE_FLOOR,
+    TIE_STANDARD_ERRORS,
+    _check_pattern,
+    baseline_scores,
+    beats_baseline,
+    constant_answer,
+    lower_is_better,
+    metric_kind,
+    normalize_answer,
+    parse_number,
+    parse_tool_calls,
+    primary_keys,
+    row_scores,
+    task_metrics,
+    tie_margin,
+)
 
-__all__ = [
-    "METRICS",
+__all__ = [  # the metric names (metrics.__all__) are importable from here too
     "EVAL_VERSION",
     "load_tuned",
     "assistant_loss",
     "generate",
-    "parse_number",
-    "normalize_answer",
-    "task_metrics",
-    "metric_kind",
-    "lower_is_better",
-    "primary_keys",
-    "constant_answer",
-    "row_scores",
-    "tie_margin",
-    "beats_baseline",
-    "baseline_scores",
     "train_references",
     "prompt_and_reference",
     "eval_sample",
@@ -71,31 +74,10 @@ __all__ = [
     "verdict",
     "generations_table",
     "export_adapter_source",
-    "parse_tool_calls",
 ]
 
 EVAL_VERSION = "2"  # bump when a cached part would now be computed differently
 
-# eval.metric → what it measures (the keys it writes). Lower is better for *_mae, higher for the rest.
-METRICS = {
-    "price": "price_mae: mean absolute error of the first $ amount (an answer without one counts as $0); "
-    "price_parsed: share of answers that hold a $ amount",
-    "number": "number_mae: mean absolute error of the first number (or eval.metric_pattern's group 1) "
-    "(an answer without one counts as 0); number_parsed: share of answers that hold one",
-    "exact_match": "exact_match: share of answers equal to the reference, ignoring case, repeated spaces "
-    "and a final . or !",
-    "regex": "regex_match: share whose eval.metric_pattern match (group 1, else the whole match) equals the "
-    "reference's; regex_found: share of answers where the pattern matches at all",
-    "tool_call": "tool_call_match: share of answers that call the reference's functions with its arguments "
-    "(names and parsed JSON arguments equal); tool_call_parsed: share of answers that hold a call",
-    "overlap": "token_f1 and rouge_l: word overlap with the reference (free-form answers; read the generations "
-    "side by side too)",
-    "auto": "price when every reference holds a $ amount, number when every reference is a bare number, "
-    "tool_call when every reference is a tool call, exact_match when every reference is short (≤ 5 words: "
-    "labels, names), else overlap",
-}
-_NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
-_BARE_NUMBER_RE = re.compile(r"^\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*$")
 # Files of a Trainer checkpoint that are training state, not part of the adapter.
 TRAINING_STATE_FILES = (
     "optimizer.pt",
@@ -106,260 +88,6 @@ TRAINING_STATE_FILES = (
     "training_args.bin",
     "lab_manifest.json",
 )
-
-
-# ---------------------------------------------------------------------------------------------- task metrics
-
-
-def parse_number(text: str, pattern: str | None = None) -> float | None:
-    """Return the first number in text (or in `pattern`'s group 1 / whole match), commas dropped; None if none."""
-    if pattern:
-        m = re.search(pattern, text)
-        if not m:
-            return None
-        text = m.group(1) if m.re.groups else m.group(0)
-    m = _NUMBER_RE.search(text)
-    if not m:
-        return None
-    try:
-        return float(m.group(0).replace(",", ""))
-    except ValueError:
-        return None
-
-
-def normalize_answer(text: str) -> str:
-    """Return text casefolded, whitespace collapsed and a final '.' or '!' dropped (for exact_match)."""
-    return " ".join(text.casefold().split()).rstrip(".!").rstrip()
-
-
-def parse_tool_calls(text: str) -> list[dict] | None:
-    """Return the function calls in text as [{'name', 'arguments': dict}] (JSON objects with a name and
-    arguments/parameters, e.g. inside <tool_call> tags), or None when it holds none."""
-    decoder, calls, i = json.JSONDecoder(), [], text.find("{")
-    while i >= 0:
-        try:
-            obj, end = decoder.raw_decode(text, i)
-        except ValueError:
-            i = text.find("{", i + 1)
-            continue
-        args = obj.get("arguments", obj.get("parameters")) if isinstance(obj, dict) else None
-        if isinstance(args, str):
-            try:
-                args = json.loads(args)
-            except ValueError:
-                args = None
-        if isinstance(obj, dict) and isinstance(obj.get("name"), str) and isinstance(args, dict):
-            calls.append({"name": obj["name"], "arguments": args})
-            i = text.find("{", end)
-        else:
-            i = text.find("{", i + 1)
-    return calls or None
-
-
-def _check_pattern(pattern: str | None, kind: str) -> re.Pattern | None:
-    if not pattern:
-        if kind == "regex":
-            raise LabError(
-                "eval.metric is 'regex' but eval.metric_pattern is empty — set it to a pattern with one group, "
-                "e.g. 'Answer: (\\w+)'"
-            )
-        return None
-    try:
-        return re.compile(pattern)
-    except re.error as e:
-        raise LabError(f"eval.metric_pattern {pattern!r} is not a valid regular expression ({e}) — fix the pattern") from None
-
-
-def _mae(predictions: list[str], references: list[str], parse: Callable[[str], float | None], prefix: str) -> dict:
-    errs, parsed = [], 0
-    for p, r in zip(predictions, references, strict=True):
-        rv = parse(r)
-        if rv is None:
-            continue  # a reference without a value cannot be scored
-        pv = parse(p)
-        if pv is not None:
-            parsed += 1
-        errs.append(abs((pv if pv is not None else 0.0) - rv))
-    n = len(errs)
-    return {f"{prefix}_mae": sum(errs) / n if n else math.nan, f"{prefix}_parsed": parsed / n if n else math.nan}
-
-
-def task_metrics(predictions: list[str], references: list[str], kind: str = "price", pattern: str | None = None) -> dict:
-    """Return the task metric of predictions vs references as {name: value} (kinds: see METRICS)."""
-    if len(predictions) != len(references):
-        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
-        return {}
-    if kind == "price":
-        return _mae(predictions, references, parse_price, "price")
-    if kind == "number":
-        rx = _check_pattern(pattern, kind)
-        return _mae(predictions, references, lambda t: parse_number(t, rx.pattern if rx else None), "number")
-    if kind == "overlap":
-        from .overlap import overlap_scores
-
-        return overlap_scores(predictions, references)
-    if kind == "exact_match":
-        hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
-        return {"exact_match": hits / len(references)}
-    if kind == "tool_call":
-        hits = parsed = n = 0
-        for p, r in zip(predictions, references, strict=True):
-            want = parse_tool_calls(r)
-            if want is None:
-                continue  # a reference that calls nothing cannot be scored
-            got = parse_tool_calls(p)
-            n, parsed, hits = n + 1, parsed + (got is not None), hits + (got == want)
-        return {"tool_call_match": hits / n if n else math.nan, "tool_call_parsed": parsed / n if n else math.nan}
-    if kind == "regex":
-        rx = _check_pattern(pattern, kind)
-
-        def pick(m: re.Match) -> str:
-            return (m.group(1) if rx.groups else m.group(0)).strip()
-
-        hits = found = 0
-        for p, r in zip(predictions, references, strict=True):
-            mp, mr = rx.search(p), rx.search(r)
-            found += mp is not None
-            hits += bool(mp and mr and pick(mp) == pick(mr))
-        return {"regex_match": hits / len(references), "regex_found": found / len(references)}
-    raise LabError(f"eval.metric must be one of {', '.join(METRICS)}, got {kind!r} — e.g. auto")
-
-
-def metric_kind(cfg: dict, references: list[str]) -> str:
-    """Return the metric kind to use: eval.metric, or for 'auto' the one that fits the references."""
-    kind = cfg.get("eval", {}).get("metric") or "auto"
-    if kind not in METRICS:
-        raise LabError(f"eval.metric must be one of {', '.join(METRICS)}, got {kind!r} — e.g. auto")
-    if kind != "auto":
-        return kind
-    if references and all(parse_price(r) is not None for r in references):
-        return "price"
-    if references and all(_BARE_NUMBER_RE.match(r) for r in references):
-        return "number"
-    if references and all(parse_tool_calls(r) for r in references):
-        return "tool_call"
-    from .overlap import closed_answers
-
-    return "exact_match" if closed_answers(references) or not references else "overlap"
-
-
-def lower_is_better(name: str) -> bool:
-    """Return True for metrics where smaller is better (loss, eval_loss, perplexity, *_mae, *_error)."""
-    return name in ("loss", "perplexity") or name.endswith(("_loss", "_mae", "_error"))
-
-
-# ---------------------------------------------------------------------------------------------- naive baseline
-
-# A model "beats" the constant guess only by more than this many paired standard errors (see tie_margin).
-TIE_STANDARD_ERRORS = 2.0
-# ... and by more than this share of the baseline's own score, so near-identical answers stay a tie.
-TIE_RELATIVE_FLOOR = 0.01
-_AUX_SUFFIXES = ("_parsed", "_found")  # how often an answer parsed: a constant answer always does
-
-
-def primary_keys(keys: list[str]) -> list[str]:
-    """Return the task metrics that score answers (not the share that merely parsed)."""
-    return [k for k in keys if k not in ("loss", "perplexity") and not k.endswith(_AUX_SUFFIXES)]
-
-
-def _median_low(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
-
-
-def constant_answer(train_refs: list[str], kind: str, pattern: str | None = None) -> str | None:
-    """Return the naive baseline's one answer, a training reference: the median value (price, number) or the most frequent answer."""
-    if not train_refs:
-        return None
-    if kind in ("price", "number"):
-        rx = _check_pattern(pattern, kind) if kind == "number" else None
-        parse = parse_price if kind == "price" else (lambda t: parse_number(t, rx.pattern if rx else None))
-        valued = [(v, r) for r in train_refs if (v := parse(r)) is not None]
-        if not valued:
-            return None
-        median = _median_low([v for v, _ in valued])  # a real value: any value between the middle two minimises MAE
-        return next(r for v, r in valued if v == median)
-    if kind == "regex":
-        rx = _check_pattern(pattern, kind)
-        found = [(m.group(1) if rx.groups else m.group(0)).strip() for r in train_refs if (m := rx.search(r))]
-        if not found:
-            return None
-        top = max(set(found), key=lambda a: (found.count(a), a))
-        return next(r for r in train_refs if (m := rx.search(r)) and (m.group(1) if rx.groups else m.group(0)).strip() == top)
-    keyed = [normalize_answer(r) for r in train_refs]
-    top = max(set(keyed), key=lambda a: (keyed.count(a), a))
-    return train_refs[keyed.index(top)]
-
-
-def row_scores(
-    preds: list[str], refs: list[str], kind: str, pattern: str | None = None, metric: Callable | None = None
-) -> dict[str, list[float]]:
-    """Return each task metric row by row ({key: [value per row]}, NaN where a row cannot be scored)."""
-    out: dict[str, list[float]] = {}
-    for p, r in zip(preds, refs, strict=True):
-        one = task_metrics([p], [r], kind, pattern)
-        if metric is not None:
-            try:
-                one.update({str(k): float(v) for k, v in metric([p], [r]).items()})
-            except Exception:  # a corpus-level metric has no per-row value: its margin is the floor alone
-                pass
-        for k, v in one.items():
-            out.setdefault(k, []).append(float(v))
-    return out
-
-
-def tie_margin(model_rows: list[float], baseline_rows: list[float], baseline_value: float) -> float:
-    """Return how far past the baseline a model must score to count as better (the tie margin).
-
-    max(TIE_STANDARD_ERRORS × the standard error of the row-by-row difference, TIE_RELATIVE_FLOOR ×
-    |baseline|): a smaller difference is within what another sample of validation rows could show
-    by chance (about 95 % one-sided at 2 SE), and the floor keeps answers that agree almost
-    everywhere (standard error near 0) or differ only by rounding a tie. Fewer than two scored rows: infinite.
-    """
-    diffs = [m - b for m, b in zip(model_rows, baseline_rows, strict=True) if not (math.isnan(m) or math.isnan(b))]
-    floor = TIE_RELATIVE_FLOOR * abs(baseline_value) if not math.isnan(baseline_value) else 0.0
-    if len(diffs) < 2:
-        return math.inf
-    mean = sum(diffs) / len(diffs)
-    sd = math.sqrt(sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1))
-    return max(TIE_STANDARD_ERRORS * sd / math.sqrt(len(diffs)), floor)
-
-
-def beats_baseline(key: str, value: Any, baseline: Any, margin: Any) -> bool:
-    """Return True only when value is better than baseline by more than margin, in the metric's direction."""
-    if not all(isinstance(v, (int, float)) and not math.isnan(v) for v in (value, baseline, margin)):
-        return False
-    gain = baseline - value if lower_is_better(key) else value - baseline
-    return gain > max(margin, 1e-12)
-
-
-def baseline_scores(
-    train_refs: list[str],
-    refs: list[str],
-    kind: str,
-    pattern: str | None = None,
-    models: dict[str, list[str]] | None = None,
-    metric: Callable | None = None,
-) -> dict[str, Any] | None:
-    """Return the naive baseline's entry for metrics.json: its answer, its task metrics on refs, and each model's tie margin."""
-    answer = constant_answer(train_refs, kind, pattern)
-    if answer is None:
-        return None
-    const = [answer] * len(refs)
-    task = task_metrics(const, refs, kind, pattern)
-    if metric is not None:
-        task.update({str(k): float(v) for k, v in metric(const, refs).items()})
-    base_rows = row_scores(const, refs, kind, pattern, metric)
-    margins: dict[str, dict[str, float]] = {}
-    for name, preds in (models or {}).items():
-        rows = row_scores(preds, refs, kind, pattern, metric)
-        margins[name] = {
-            k: tie_margin(rows[k], base_rows[k], task[k]) if k in rows and k in base_rows
-            else TIE_RELATIVE_FLOOR * abs(task[k])
-            for k in primary_keys(list(task))
-        }
-    return {"answer": answer, "train_rows": len(train_refs), **task, "margin": margins}
 
 
 # ---------------------------------------------------------------------------------------------- model work
@@ -635,9 +363,7 @@ class _Parts:
         value = compute()
         self.seconds[label] = time.monotonic() - t0
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_path(self.path(key))
-        tmp.write_text(json.dumps({"label": label, "value": value}))
-        os.replace(tmp, self.path(key))
+        write_json(self.path(key), {"label": label, "value": value})
         self.computed.append(label)
         return value
 
@@ -647,17 +373,13 @@ class _Parts:
 
 def _write_json(path: Path, obj: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
+    write_json(path, obj, indent=2, ensure_ascii=False)
 
 
 def _free_memory() -> None:
-    import torch
+    from .hardware import free_memory
 
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+    free_memory()
 
 
 def _scores(loss: dict, preds: list[str], refs: list[str], kind: str, pattern: str | None, metric) -> dict:
@@ -666,6 +388,157 @@ def _scores(loss: dict, preds: list[str], refs: list[str], kind: str, pattern: s
     if metric is not None:
         out.update({str(k): float(v) for k, v in metric(preds, refs).items()})
     return out
+
+
+@dataclass
+class _Sample:
+    """The seeded validation sample every model is scored on, and what decides its metric and cache keys."""
+
+    rows_idx: list[int]
+    prompts: list[list[dict]]
+    refs: list[str]
+    tools: list | None
+    rows: list[tuple[list[int], list[int]]]  # (input_ids, assistant_masks) per row
+    kind: str
+    pattern: str | None
+    max_new: int
+    seed: int
+    fp: str  # the validation fingerprint
+
+    def loss_key(self, h: str) -> str:
+        return f"loss-{h}-{self.fp}"
+
+    def gen_key(self, h: str) -> str:
+        return f"answers-{h}-{self.fp}-{self.max_new}"
+
+
+def _check_eval_settings(run) -> None:
+    """LabError for an unknown eval.metric, a bad metric_pattern or a missing adapter, before any loading."""
+    ev = run.cfg.get("eval", {})
+    metric_kind(run.cfg, [])  # an unknown eval.metric fails here, before any loading
+    if ev.get("metric") in ("regex", "number"):
+        _check_pattern(ev.get("metric_pattern"), ev["metric"])
+    if not (run.adapter_dir / "adapter_config.json").exists():
+        raise LabError(f"no adapter in {run.display(run.adapter_dir)} — run 02_train to the end first")
+
+
+def _sample(run, val, max_rows: int | None) -> _Sample:
+    """Return the seeded sample of the validation split, its metric kind and its generation length."""
+    cfg = run.cfg
+    ev = cfg.get("eval", {})
+    seed = int(cfg.get("data", {}).get("seed", 42))
+    max_new = int(ev.get("max_new_tokens", 16))
+    if len(val) == 0:
+        raise LabError("the validation split is empty — raise data.val_fraction and run 01_data again")
+    rows_idx = eval_sample(len(val), ev.get("rows") if max_rows is None else max_rows, seed)  # = validation_sample
+    ds = val.select(rows_idx)
+    prompts, refs = map(list, zip(*[prompt_and_reference(m) for m in ds["messages"]], strict=True))
+    kind = metric_kind(cfg, refs)
+    tools = [json.loads(t) if t else None for t in ds["tools"]] if "tools" in ds.column_names else None
+    rows = list(zip(ds["input_ids"], ds["assistant_masks"], strict=True))
+    if kind == "tool_call" and (need := max(_last_answer_tokens(m) for _, m in rows)) > max_new:
+        print(f"Tool calls need up to {need} new tokens: generating up to {need} (eval.max_new_tokens is {max_new})")
+        max_new = need
+    sample = f"{len(ds)} of {len(val)} validation rows" if len(ds) < len(val) else f"all {len(ds)} validation rows"
+    print(f"Evaluating on {sample} (seed {seed}); task metric: {kind}")
+    return _Sample(rows_idx, prompts, refs, tools, rows, kind, ev.get("metric_pattern"), max_new, seed,
+                   _validation_fingerprint(ds, cfg))
+
+
+class _Models:
+    """The one 4-bit base with the run's adapter, loaded on first use; each checkpoint's adapter goes beside it."""
+
+    def __init__(self, run, sample: _Sample, batch_size: int, max_batch_tokens: int):
+        self.run, self.s, self.batch_size, self.max_batch_tokens = run, sample, batch_size, max_batch_tokens
+        self.model = self.tok = None
+
+    def _loaded(self):
+        if self.model is None:
+            self.model, self.tok = load_tuned(self.run)
+        return self.model
+
+    def loss(self, label: str, adapter: str | None) -> dict:
+        """Return {'loss', 'tokens'} of adapter (None: the base alone) over the sample's assistant tokens."""
+        print(f"Measuring {label} …", flush=True)
+        m = self._loaded()
+        if adapter is None:
+            with m.disable_adapter():
+                total, count = _loss_sum(m, self.s.rows, self.tok.pad_token_id, self.batch_size, self.max_batch_tokens)
+        else:
+            m.set_adapter(adapter, inference_mode=True)
+            total, count = _loss_sum(m, self.s.rows, self.tok.pad_token_id, self.batch_size, self.max_batch_tokens)
+        return {"loss": total / max(count, 1), "tokens": count}
+
+    def answers(self, label: str, adapter: str | None) -> list[str]:
+        """Return adapter's greedy answers to the sample's prompts (None: the base alone)."""
+        s = self.s
+        print(f"Generating {label} ({len(s.prompts)} prompts, greedy, ≤ {s.max_new} new tokens) …", flush=True)
+        m = self._loaded()
+        if adapter is None:
+            with m.disable_adapter():
+                return generate(m, self.tok, s.prompts, s.max_new, self.batch_size, s.seed, s.tools)
+        m.set_adapter(adapter, inference_mode=True)
+        return generate(m, self.tok, s.prompts, s.max_new, self.batch_size, s.seed, s.tools)
+
+    def with_checkpoint(self, path: Path, name: str, fn: Callable[[], Any]) -> Callable[[], Any]:
+        """Return a computation running fn with the checkpoint's adapter loaded as name, then unloaded."""
+
+        def compute():
+            m = self._loaded()
+            m.load_adapter(str(path), adapter_name=name, is_trainable=False)
+            try:
+                return fn()
+            finally:
+                m.set_adapter("default", inference_mode=True)
+                m.delete_adapter(name)
+
+        return compute
+
+    def close(self) -> None:
+        """Drop the model (its last reference) and give its (GPU) memory back before the chat loads one."""
+        if self.model is not None:
+            self.model = self.tok = None
+            _free_memory()
+
+
+def _say_reused(run, parts: _Parts, s: _Sample, tuned_hash: str, checkpoints: list) -> None:
+    """Print which finished parts a re-run reuses from eval/cache/."""
+    planned = [("base loss", s.loss_key("base")), ("tuned loss", s.loss_key(tuned_hash))]
+    planned += [(f"{p.name} loss", s.loss_key(h)) for _, p, h in checkpoints if h != tuned_hash]
+    planned += [("base answers", s.gen_key("base")), ("tuned answers", s.gen_key(tuned_hash))]
+    print(f"Work: {len(planned) - 2} loss passes and 2 generation passes (≤ {s.max_new} new tokens) over "
+          f"{len(s.rows)} rows, plus the best checkpoint's answers if it is not the final adapter — bounded by "
+          "eval.rows, eval.max_new_tokens and eval.checkpoints (all | none)")
+    cached = [label for label, key in planned if parts.has(key)]
+    if cached:
+        print(f"Reusing {len(cached)} of {len(planned)} finished parts from {run.display(parts.folder)}: {', '.join(cached)}")
+
+
+def _checkpoint_curve(parts: _Parts, models: _Models, s: _Sample, checkpoints: list, tuned_hash: str,
+                      tuned_loss: dict) -> tuple[list[dict], dict[str, dict]]:
+    """Return (each checkpoint's loss, in step order; {adapter hash: loss})."""
+    losses = {tuned_hash: tuned_loss}
+    curve = []
+    for step, path, h in checkpoints:
+        if h == tuned_hash:
+            loss = tuned_loss  # the final adapter is this checkpoint's weights
+        else:
+            name, label = f"ckpt_{step}", f"{path.name} loss"
+            loss = parts.get(s.loss_key(h), label, models.with_checkpoint(path, name, lambda n=name, lb=label: models.loss(lb, n)))
+            losses[h] = loss
+        curve.append({"name": path.name, "step": step, "loss": loss["loss"], "same_as_final": h == tuned_hash})
+    return curve, losses
+
+
+def _generations(s: _Sample, preds: dict[str, list[str]]) -> list[str]:
+    """Return generations.jsonl's lines: each row's prompt, reference and every model's answer."""
+    lines = []
+    for k, (i, p, r) in enumerate(zip(s.rows_idx, s.prompts, s.refs, strict=True)):
+        row = {"row": i, "prompt": p[-1]["content"] if p else "", "reference": r, **{n: a[k] for n, a in preds.items()}}
+        if s.kind == "tool_call":  # a call is shown as the structured call it makes, text that calls nothing as is
+            row.update({c: _shown_call(row[c]) for c in ("reference", "base", "tuned", "best") if c in row})
+        lines.append(json.dumps(row, ensure_ascii=False))
+    return lines
 
 
 def evaluate_run(
@@ -686,171 +559,52 @@ def evaluate_run(
     from .checkpoints import scan_checkpoints
     from .data import load_prepared
 
-    cfg = run.cfg
-    ev = cfg.get("eval", {})
-    pattern = ev.get("metric_pattern")
-    max_new = int(ev.get("max_new_tokens", 16))
-    seed = int(cfg.get("data", {}).get("seed", 42))
-    metric_kind(cfg, [])  # an unknown eval.metric fails here, before any loading
-    if ev.get("metric") in ("regex", "number"):
-        _check_pattern(pattern, ev["metric"])
-    if not (run.adapter_dir / "adapter_config.json").exists():
-        raise LabError(f"no adapter in {run.display(run.adapter_dir)} — run 02_train to the end first")
-
+    _check_eval_settings(run)
     prepared = load_prepared(run)
     val = prepared["validation"]
-    if len(val) == 0:
-        raise LabError("the validation split is empty — raise data.val_fraction and run 01_data again")
-    rows_idx = eval_sample(len(val), ev.get("rows") if max_rows is None else max_rows, seed)  # = validation_sample
-    ds = val.select(rows_idx)
-    fp = _validation_fingerprint(ds, cfg)
-    prompts, refs = map(list, zip(*[prompt_and_reference(m) for m in ds["messages"]], strict=True))
-    kind = metric_kind(cfg, refs)
-    tools = [json.loads(t) if t else None for t in ds["tools"]] if "tools" in ds.column_names else None
-    rows = list(zip(ds["input_ids"], ds["assistant_masks"], strict=True))
-    if kind == "tool_call" and (need := max(_last_answer_tokens(m) for _, m in rows)) > max_new:
-        print(f"Tool calls need up to {need} new tokens: generating up to {need} (eval.max_new_tokens is {max_new})")
-        max_new = need
-    sample = f"{len(ds)} of {len(val)} validation rows" if len(ds) < len(val) else f"all {len(ds)} validation rows"
-    print(f"Evaluating on {sample} (seed {seed}); task metric: {kind}")
-
+    s = _sample(run, val, max_rows)
     tuned_hash = adapter_hash(run.adapter_dir)
     checkpoints = [(step, p, adapter_hash(p)) for step, p in scan_checkpoints(run.checkpoints_dir)[0]]
-    if ev.get("checkpoints", "all") == "none":  # base and final only: each checkpoint costs one more loss pass
+    if run.cfg.get("eval", {}).get("checkpoints", "all") == "none":  # base and final only: one loss pass each
         checkpoints = [c for c in checkpoints if c[2] == tuned_hash]
     parts = _Parts(run.eval_dir / "cache")
+    _say_reused(run, parts, s, tuned_hash, checkpoints)
+    models = _Models(run, s, batch_size, max_batch_tokens)
 
-    def loss_key(h: str) -> str:
-        return f"loss-{h}-{fp}"
-
-    def gen_key(h: str) -> str:
-        return f"answers-{h}-{fp}-{max_new}"
-
-    planned = [("base loss", loss_key("base")), ("tuned loss", loss_key(tuned_hash))]
-    planned += [(f"{p.name} loss", loss_key(h)) for _, p, h in checkpoints if h != tuned_hash]
-    planned += [("base answers", gen_key("base")), ("tuned answers", gen_key(tuned_hash))]
-    n_loss = len(planned) - 2
-    print(f"Work: {n_loss} loss passes and 2 generation passes (≤ {max_new} new tokens) over {len(ds)} rows, plus "
-          "the best checkpoint's answers if it is not the final adapter — bounded by eval.rows, eval.max_new_tokens "
-          "and eval.checkpoints (all | none)")
-    cached = [label for label, key in planned if parts.has(key)]
-    if cached:
-        print(f"Reusing {len(cached)} of {len(planned)} finished parts from {run.display(parts.folder)}: {', '.join(cached)}")
-
-    loaded: dict[str, Any] = {}
-
-    def model():
-        if "model" not in loaded:
-            loaded["model"], loaded["tok"] = load_tuned(run)
-        return loaded["model"]
-
-    def pad_id() -> int:
-        model()
-        return loaded["tok"].pad_token_id
-
-    def measure_loss(label: str, adapter: str | None):
-        def compute():
-            print(f"Measuring {label} …", flush=True)
-            m = model()
-            if adapter is None:
-                with m.disable_adapter():
-                    total, count = _loss_sum(m, rows, pad_id(), batch_size, max_batch_tokens)
-            else:
-                m.set_adapter(adapter, inference_mode=True)
-                total, count = _loss_sum(m, rows, pad_id(), batch_size, max_batch_tokens)
-            return {"loss": total / max(count, 1), "tokens": count}
-
-        return compute
-
-    def answers(label: str, adapter: str | None):
-        def compute():
-            print(f"Generating {label} ({len(prompts)} prompts, greedy, ≤ {max_new} new tokens) …", flush=True)
-            m = model()
-            if adapter is None:
-                with m.disable_adapter():
-                    return generate(m, loaded["tok"], prompts, max_new, batch_size, seed, tools)
-            m.set_adapter(adapter, inference_mode=True)
-            return generate(m, loaded["tok"], prompts, max_new, batch_size, seed, tools)
-
-        return compute
-
-    def with_checkpoint(path: Path, name: str, fn):
-        """Run fn with the checkpoint's adapter loaded next to 'default' on the same base, then unload it."""
-
-        def compute():
-            m = model()
-            m.load_adapter(str(path), adapter_name=name, is_trainable=False)
-            try:
-                return fn()
-            finally:
-                m.set_adapter("default", inference_mode=True)
-                m.delete_adapter(name)
-
-        return compute
-
-    base_loss = parts.get(loss_key("base"), "base loss", measure_loss("base loss", None))
-    tuned_loss = parts.get(loss_key(tuned_hash), "tuned loss", measure_loss("tuned loss", "default"))
-    losses = {tuned_hash: tuned_loss}
-    curve = []
-    for step, path, h in checkpoints:
-        if h == tuned_hash:
-            loss = tuned_loss  # the final adapter is this checkpoint's weights
-        else:
-            name = f"ckpt_{step}"
-            label = f"{path.name} loss"
-            loss = parts.get(loss_key(h), label, with_checkpoint(path, name, measure_loss(label, name)))
-            losses[h] = loss
-        curve.append({"name": path.name, "step": step, "loss": loss["loss"], "same_as_final": h == tuned_hash})
+    base_loss = parts.get(s.loss_key("base"), "base loss", lambda: models.loss("base loss", None))
+    tuned_loss = parts.get(s.loss_key(tuned_hash), "tuned loss", lambda: models.loss("tuned loss", "default"))
+    curve, losses = _checkpoint_curve(parts, models, s, checkpoints, tuned_hash, tuned_loss)
     best = min(curve, key=lambda c: (c["loss"], -c["step"])) if curve else None
-
-    base_preds = parts.get(gen_key("base"), "base answers", answers("base answers", None))
-    tuned_preds = parts.get(gen_key(tuned_hash), "tuned answers", answers("tuned answers", "default"))
-    results: dict[str, Any] = {
-        "base": _scores(base_loss, base_preds, refs, kind, pattern, metric),
-        "tuned": _scores(tuned_loss, tuned_preds, refs, kind, pattern, metric),
-    }
-    best_preds = None
+    preds = {"base": parts.get(s.gen_key("base"), "base answers", lambda: models.answers("base answers", None)),
+             "tuned": parts.get(s.gen_key(tuned_hash), "tuned answers", lambda: models.answers("tuned answers", "default"))}
+    results: dict[str, Any] = {name: _scores(loss, preds[name], s.refs, s.kind, s.pattern, metric)
+                               for name, loss in (("base", base_loss), ("tuned", tuned_loss))}
     if best and not best["same_as_final"]:
-        step, path, h = next(c for c in checkpoints if c[1].name == best["name"])
+        _, path, h = next(c for c in checkpoints if c[1].name == best["name"])
         label = f"{path.name} answers"
-        best_preds = parts.get(gen_key(h), label, with_checkpoint(path, "best", answers(label, "best")))
-        results["best"] = _scores(losses[h], best_preds, refs, kind, pattern, metric)
-    models = {"tuned": tuned_preds, **({"best": best_preds} if best_preds is not None else {})}
-    baseline = baseline_scores(train_references(prepared.get("train"), seed), refs, kind, pattern, models, metric)
+        preds["best"] = parts.get(s.gen_key(h), label, models.with_checkpoint(path, "best", lambda: models.answers(label, "best")))
+        results["best"] = _scores(losses[h], preds["best"], s.refs, s.kind, s.pattern, metric)
+    models.close()
+    train_refs = train_references(prepared.get("train"), s.seed)
+    baseline = baseline_scores(train_refs, s.refs, s.kind, s.pattern, {k: v for k, v in preds.items() if k != "base"}, metric)
     if baseline is not None:
         results["baseline"] = baseline
-    if loaded:
-        loaded.clear()  # the model's last reference: give its (GPU) memory back before the chat loads one
-        _free_memory()
-
     results.update(
         {
             "best_checkpoint": best["name"] if best else None,
             "checkpoints": [{k: c[k] for k in ("name", "step", "loss")} for c in curve],
-            "metric": kind,
-            "metric_pattern": pattern if kind in ("regex", "number") else None,
-            "rows": len(ds),
+            "metric": s.kind,
+            "metric_pattern": s.pattern if s.kind in ("regex", "number") else None,
+            "rows": len(s.rows),
             "tokens": tuned_loss["tokens"],
             "validation_rows": len(val),
-            "validation_fingerprint": fp,
+            "validation_fingerprint": s.fp,
             "tuned_adapter_hash": tuned_hash,
             "parts": {"reused": parts.reused, "computed": parts.computed},
         }
     )
-    with_best = best_preds is not None
-    lines = []
-    for k, (i, p, r) in enumerate(zip(rows_idx, prompts, refs, strict=True)):
-        row = {"row": i, "prompt": p[-1]["content"] if p else "", "reference": r,
-               "base": base_preds[k], "tuned": tuned_preds[k]}
-        if with_best:
-            row["best"] = best_preds[k]
-        if kind == "tool_call":  # a call is shown as the structured call it makes, text that calls nothing as is
-            row.update({c: _shown_call(row[c]) for c in ("reference", "base", "tuned", "best") if c in row})
-        lines.append(json.dumps(row, ensure_ascii=False))
     run.eval_dir.mkdir(parents=True, exist_ok=True)
-    tmp = tmp_path(run.eval_dir / "generations.jsonl")
-    tmp.write_text("\n".join(lines) + "\n")
-    os.replace(tmp, run.eval_dir / "generations.jsonl")
+    write_text(run.eval_dir / "generations.jsonl", "\n".join(_generations(s, preds)) + "\n")
     results["seconds"] = {k: round(v, 1) for k, v in parts.seconds.items()}
     _write_json(run.eval_dir / "metrics.json", results)
     print(f"Saved metrics → {run.display(run.eval_dir / 'metrics.json')}")

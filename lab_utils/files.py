@@ -22,23 +22,30 @@ def tmp_path(path: Path) -> Path:
     return path.with_name(f"{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
-def write_bytes(path: Path, data: bytes) -> Path:
-    """Write data to path atomically (temporary sibling, then rename); the temporary file never stays behind."""
+def write_bytes(path: Path, data: bytes, *, fsync: bool = False) -> Path:
+    """Write data to path atomically (temporary sibling, then rename); the temporary file never stays behind.
+
+    fsync: flush the bytes to the disk before the rename (a manifest that vouches for other files).
+    """
     path = Path(path)
     tmp = tmp_path(path)
     try:
-        tmp.write_bytes(data)
+        with open(tmp, "wb") as f:
+            f.write(data)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
 
 
-def write_text(path: Path, text: str) -> Path:
+def write_text(path: Path, text: str, *, fsync: bool = False) -> Path:
     """Write text (UTF-8) to path atomically."""
-    return write_bytes(path, text.encode("utf-8"))
+    return write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
-def write_json(path: Path, obj: Any, **kwargs: Any) -> Path:
+def write_json(path: Path, obj: Any, *, fsync: bool = False, **kwargs: Any) -> Path:
     """Write obj as JSON to path atomically; kwargs go to json.dumps (e.g. indent=2, sort_keys=True)."""
-    return write_text(path, json.dumps(obj, **kwargs))
+    return write_text(path, json.dumps(obj, **kwargs), fsync=fsync)

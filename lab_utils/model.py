@@ -190,19 +190,21 @@ def compute_dtype(device: str | None = None):
     """Return the dtype for 4-bit compute: bf16 where the GPU has it, fp16 on older GPUs, fp32 on CPU."""
     import torch
 
+    from .hardware import bf16_capable, cuda_available
+
     if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = "cuda" if cuda_available() else "cpu"
     if device != "cuda":
         return torch.float32
-    from .environment import bf16_capable
 
     return torch.bfloat16 if bf16_capable() else torch.float16
 
 
 def load_base_model(cfg: dict, *, four_bit: bool | None = None, dtype=None, attn_implementation: str | None = None):
     """Return the base causal LM: 4-bit nf4 with double quantization (as configured), or plain weights."""
-    import torch
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    from .hardware import cuda_available
 
     name = cfg["model"]["name"]
     four_bit = cfg["model"].get("load_in_4bit", True) if four_bit is None else four_bit
@@ -220,7 +222,7 @@ def load_base_model(cfg: dict, *, four_bit: bool | None = None, dtype=None, attn
             bnb_4bit_use_double_quant=True,  # quantize the quantization constants too (~0.4 bit/param saved)
             bnb_4bit_compute_dtype=cdtype,
         )
-    if torch.cuda.is_available():
+    if cuda_available():
         kwargs["device_map"] = {"": 0}
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation

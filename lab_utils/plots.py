@@ -82,7 +82,7 @@ def plot_loss_curve(run, metrics: dict[str, Any]) -> Path | None:
 
 def plot_task_metric(run, metrics: dict[str, Any]) -> Path:
     """Save eval/task_metric.png: one bar panel per task metric (and the loss): constant guess, base, tuned (, best)."""
-    from .evaluation import lower_is_better
+    from .metrics import lower_is_better
 
     keys = [k for k, v in metrics["base"].items() if k != "perplexity" and isinstance(v, (int, float))]
     keys = [k for k in keys if k != "loss"] + ["loss"]

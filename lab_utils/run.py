@@ -28,11 +28,11 @@ from .config import (
     load_yaml,
     merge_defaults,
     resolve_config,
-    tmp_path,
     validate,
 )
 from .environment import import_unsloth_first, lab_root
 from .errors import LabError, install_handler
+from .files import write_json
 
 __all__ = ["Run", "start", "RUN_FORMAT", "POINTER", "adopt_settings"]
 
@@ -97,6 +97,25 @@ class Run:
     @property
     def config_path(self) -> Path:
         return self.dir / "config.yaml"
+
+    @property
+    def data_report_path(self) -> Path:
+        return self.data_dir / "data_report.json"
+
+    def data_report(self, required: bool = False) -> dict[str, Any] | None:
+        """Return 01_data's data/data_report.json as a dict: None when absent (LabError if required), LabError when damaged."""
+        path = self.data_report_path
+        if not path.is_file():
+            if required:
+                raise LabError(f"no data report in {self.display(self.data_dir)} — run 01_data first")
+            return None
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, ValueError):
+            report = None
+        if not isinstance(report, dict):
+            raise LabError(f"the data report {self.display(path)} is damaged — run 01_data again to make it anew")
+        return report
 
     def display(self, path: Path | None = None) -> str:
         """Return a short human path (MyDrive/... on Drive) for path or the run folder."""
@@ -260,11 +279,8 @@ def _runs_listed(root: Path) -> str:
 def write_pointer(root: Path, name: str) -> Path:
     """Record name as the run 00_setup set up (root/current_run.json, written atomically); return its path."""
     path = root / POINTER
-    tmp = tmp_path(path)
     body = {"run_name": name, "set_up": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    tmp.write_text(json.dumps(body))
-    os.replace(tmp, path)
-    return path
+    return write_json(path, body)
 
 
 def read_pointer(root: Path) -> tuple[str, str]:

@@ -12,7 +12,6 @@ the work already done. A trial that fails (out of memory, any error) is recorded
 from __future__ import annotations
 
 import copy
-import gc
 import itertools
 import json
 import math
@@ -24,9 +23,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .config import DEFAULTS, _nearest, dump_yaml, get, tmp_path, validate
+from . import metrics as mt  # one metric choice, scorer and direction, shared with 03_evaluate
+from .config import DEFAULTS, _nearest, dump_yaml, get, validate
 from .errors import LabError
-from .evaluation import lower_is_better  # one direction per metric, shared with 03_evaluate
+from .files import write_json, write_text
+from .metrics import lower_is_better  # noqa: F401 — sweep.lower_is_better is read by older callers
 from .run import Run
 
 __all__ = [
@@ -190,10 +191,7 @@ def _trial_config(run: Run, spec: dict, settings: dict[str, Any]) -> dict[str, A
 
 
 def _fingerprint(run: Run) -> str | None:
-    report = run.data_dir / "data_report.json"
-    if not report.exists():
-        raise LabError(f"no processed data in {run.display(run.data_dir)} — run 01_data first")
-    return json.loads(report.read_text()).get("fingerprint")
+    return run.data_report(required=True).get("fingerprint")
 
 
 def _canonical(key: dict) -> str:
@@ -295,10 +293,7 @@ def plan_table(sweep: Sweep) -> list[dict[str, Any]]:
 
 
 def _write_state(trial: Trial, **state: Any) -> None:
-    path = trial.dir / STATE
-    tmp = tmp_path(path)
-    tmp.write_text(json.dumps(state, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(trial.dir / STATE, state, indent=1, default=str)
 
 
 def _subset(dataset, spec: dict):
@@ -331,32 +326,30 @@ def _measure(trial: Trial, model, tokenizer, val, path: str, train=None) -> dict
     model.eval()
     loss = ev.assistant_loss(model, val, pad_id=tokenizer.pad_token_id)
     prompts, refs = zip(*[ev.prompt_and_reference(m) for m in val["messages"]], strict=True)
-    kind = ev.metric_kind(trial.cfg, list(refs))  # the same choice as 03_evaluate
+    kind = mt.metric_kind(trial.cfg, list(refs))  # the same choice as 03_evaluate
     preds = ev.generate(
         model, tokenizer, list(prompts), int(trial.cfg.get("eval", {}).get("max_new_tokens", 16))
     )
     metrics = {
         "eval_loss": loss,
         "perplexity": math.exp(min(loss, 50)),
-        **ev.task_metrics(preds, list(refs), kind, trial.cfg.get("eval", {}).get("metric_pattern")),
+        **mt.task_metrics(preds, list(refs), kind, trial.cfg.get("eval", {}).get("metric_pattern")),
     }
     pattern = trial.cfg.get("eval", {}).get("metric_pattern")
     seed = int(trial.cfg.get("data", {}).get("seed", 42))
-    guess = ev.baseline_scores(ev.train_references(train, seed), list(refs), kind, pattern, {"tuned": preds})
+    guess = mt.baseline_scores(ev.train_references(train, seed), list(refs), kind, pattern, {"tuned": preds})
     if guess is not None:
-        keys = ev.primary_keys([k for k in metrics if k not in ("eval_loss",)])
+        keys = mt.primary_keys([k for k in metrics if k not in ("eval_loss",)])
         metrics["baseline"] = {"answer": guess["answer"], **{k: guess[k] for k in keys if k in guess},
-                               "beats": {k: ev.beats_baseline(k, metrics[k], guess[k], guess["margin"]["tuned"][k])
+                               "beats": {k: mt.beats_baseline(k, metrics[k], guess[k], guess["margin"]["tuned"][k])
                                          for k in keys if k in guess}}
     out = trial.eval_dir
     out.mkdir(parents=True, exist_ok=True)
-    gen_tmp, metrics_tmp = tmp_path(out / "generations.jsonl"), tmp_path(out / "metrics.json")
-    with open(gen_tmp, "w") as f:
-        for p, r, g in zip(prompts, refs, preds, strict=True):
-            f.write(json.dumps({"prompt": p[-1]["content"], "reference": r, "tuned": g}) + "\n")
-    os.replace(gen_tmp, out / "generations.jsonl")
-    metrics_tmp.write_text(json.dumps({**metrics, "metric": kind, "rows": len(val)}, indent=2))
-    os.replace(metrics_tmp, out / "metrics.json")
+    write_text(out / "generations.jsonl", "".join(
+        json.dumps({"prompt": p[-1]["content"], "reference": r, "tuned": g}) + "\n"
+        for p, r, g in zip(prompts, refs, preds, strict=True)
+    ))
+    write_json(out / "metrics.json", {**metrics, "metric": kind, "rows": len(val)}, indent=2)
     return metrics
 
 
@@ -378,13 +371,13 @@ def _train_and_measure(trial: Trial, data, path: str) -> dict[str, Any]:
     model, tokenizer = load_for_training(
         trial.cfg,
         path,
-        gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
-        attn_implementation=settings.get("_attn_implementation"),
+        gradient_checkpointing=bool(settings.sft.get("gradient_checkpointing")),
+        attn_implementation=settings.attn_implementation,
     )
-    trainer = build_trainer(trial, model, tokenizer, data, settings)
-    plan = plan_resume(trial, trainer)
-    result = train(trial, trainer, plan)
-    save_adapter(trial, trainer)
+    trainer, callback = build_trainer(trial, model, tokenizer, data, settings)
+    plan = plan_resume(trial, trainer, callback)
+    result = train(trial, trainer, callback, plan, settings)
+    save_adapter(trial, trainer, plan)
     metrics = _measure(trial, model, tokenizer, data["validation"], path, data.get("train"))
     earlier = plan.step * (plan.seconds_per_step or 0.0)  # training done in sessions before this one
     return {
@@ -406,14 +399,9 @@ def _error_line(exc: BaseException) -> str:
 
 
 def _free_memory() -> None:
-    gc.collect()
-    try:
-        import torch
+    from .hardware import free_memory
 
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
+    free_memory()
 
 
 def _run_trial(trial: Trial, data, path: str) -> None:
@@ -474,9 +462,7 @@ def run_sweep(sweep: Sweep, path: str | None = None, *, retry_failed: bool = Fal
         _free_memory()
     rows = sweep_table(sweep)
     out = sweep.dir / "results.json"
-    tmp = tmp_path(out)
-    tmp.write_text(json.dumps(rows, indent=1, default=str))
-    os.replace(tmp, out)
+    write_json(out, rows, indent=1, default=str)
     print(f"\nSaved comparison → {sweep.run.display(out)}")
     return rows
 
@@ -501,7 +487,7 @@ def best_trial(sweep: Sweep) -> Trial | None:
     scored = [(s, t) for t in done if (s := _score(t, metric)) is not None]
     if not scored:
         return None
-    pick = min if lower_is_better(metric) else max
+    pick = min if mt.lower_is_better(metric) else max
     return pick(scored, key=lambda x: x[0])[1]
 
 
@@ -509,7 +495,7 @@ def sweep_table(sweep: Sweep) -> list[dict[str, Any]]:
     """Return one row per trial: settings, status, final train loss, validation loss, task metric, minutes, rank."""
     metric = sweep.spec["select_by"]
     scores = {t.name: s for t in sweep.trials if (s := _score(t, metric)) is not None}
-    order = sorted(scores, key=lambda n: scores[n], reverse=not lower_is_better(metric))
+    order = sorted(scores, key=lambda n: scores[n], reverse=not mt.lower_is_better(metric))
     task_keys: list[str] = []
     for t in sweep.trials:
         for k in t.state().get("metrics", {}):
@@ -639,9 +625,7 @@ def write_best_config(sweep: Sweep) -> Path:
         f"({metric} {_score(best, metric):.4g} after {sweep.spec['max_steps']} steps).\n"
         f"# Train it fully: LAB_CONFIG={path} for 01_data and 02_train (then 03, 04).\n"
     )
-    tmp = tmp_path(path)
-    tmp.write_text(header + yaml.safe_dump(cfg, sort_keys=False))
-    os.replace(tmp, path)
+    write_text(path, header + yaml.safe_dump(cfg, sort_keys=False))
     changes = ", ".join(
         f"{k} {format_value(get(run.cfg, k))} → {format_value(v)}"
         for k, v in best.settings.items()

@@ -8,12 +8,11 @@ The `train:` section passes straight through to `trl.SFTConfig`; hardware-depend
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -30,10 +29,13 @@ from .checkpoints import (
     set_aside,
     tmp_path,
 )
+from .defaults import HARDWARE_KEYS  # noqa: F401 (the one list lives in defaults; re-exported for old imports)
 from .errors import LabError, on_error_exit
+from .files import write_json
 
 __all__ = [
     "EXPLAIN",
+    "TrainPlan",
     "train_settings",
     "settings_table",
     "build_trainer",
@@ -75,53 +77,52 @@ EXPLAIN = {
     "target_modules": "Which layers get adapters; all-linear = every attention and MLP projection.",
 }
 
-# Settings chosen from the hardware unless the config's train: section sets them.
-HARDWARE_KEYS = (
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "fp16",
-    "bf16",
-    "gradient_checkpointing",
-    "optim",
-    "train_sampling_strategy",
-    "padding_free",
-    "packing",
-    "packing_strategy",
-)
-
-
 def _model_params(cfg: dict) -> tuple[float, dict]:
     """Return (parameter count, shape) from the model's config.json without loading weights."""
     from transformers import AutoConfig
 
+    from .memory import shape_from_config
     from .model import model_source
 
     try:
         mc = AutoConfig.from_pretrained(model_source(cfg), trust_remote_code=bool(cfg["model"].get("trust_remote_code")))
+        shape = shape_from_config(mc)
     except Exception:
         return 1.24e9, {}
-    h = getattr(mc, "hidden_size", None)
-    n = getattr(mc, "num_hidden_layers", None)
-    v = getattr(mc, "vocab_size", None)
-    inter = getattr(mc, "intermediate_size", None) or (4 * h if h else None)
-    if h and n and v:
-        params = n * (4 * h * h + 3 * h * inter) + 2 * v * h
-    else:
-        params = 1.24e9
-    return float(params), {"hidden_size": h, "num_layers": n, "vocab_size": v}
+    return float(shape.params()), {"hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
+                                   "vocab_size": shape.vocab_size}
 
 
-def train_settings(run, dataset=None, hardware=None) -> dict[str, Any]:
-    """Return the resolved SFTConfig keyword arguments for this run on this machine (+ 'reasons', 'warnings')."""
+@dataclass
+class TrainPlan:
+    """What train_settings() decided for this run on this machine: SFTConfig arguments, model loading, estimate and why."""
+
+    sft: dict[str, Any]  # trl.SFTConfig keyword arguments (the train: section with the hardware's choices filled in)
+    attn_implementation: str | None  # for loading the model ("flash_attention_2" where packing was chosen)
+    estimate: dict | None  # the MemoryEstimate of the chosen geometry, as a dict
+    reasons: list[str] = field(default_factory=list)  # one line per decision
+    warnings: list[str] = field(default_factory=list)  # one line per explicit setting that will not fit or work
+    hardware: Any = None  # the lab_utils.hardware.Hardware it was planned for
+
+    @property
+    def estimated_peak_gib(self) -> float | None:
+        """Return the estimated peak memory in GiB, or None without an estimate."""
+        return (self.estimate or {}).get("total_gib")
+
+    def with_sft(self, **changes: Any) -> TrainPlan:
+        """Return a copy whose SFTConfig arguments have `changes` applied (the OOM back-off's smaller geometry)."""
+        return replace(self, sft={**self.sft, **changes}, reasons=list(self.reasons))
+
+
+def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
+    """Return the TrainPlan for this run on this machine: the resolved SFTConfig arguments, with estimate and reasons."""
     from . import defaults
+    from .hardware import detect_hardware
 
     cfg = run.cfg
-    hw = hardware or defaults.detect_hardware()
+    hw = hardware or detect_hardware()
     params, shape = _model_params(cfg)
-    stats = None
-    report = run.data_dir / "data_report.json"
-    if report.exists():
-        stats = json.loads(report.read_text()).get("length_stats")
+    stats = (run.data_report() or {}).get("length_stats")
     user = {k: v for k, v in cfg["train"].items() if k in HARDWARE_KEYS}
     chosen = defaults.choose(
         hw,
@@ -132,23 +133,25 @@ def train_settings(run, dataset=None, hardware=None) -> dict[str, Any]:
         user=user,
         **{k: v for k, v in shape.items() if v},
     )
-    settings = {k: v for k, v in cfg["train"].items()}
+    sft = dict(cfg["train"])
     for k in HARDWARE_KEYS:
         if k in chosen and k not in user:
-            settings[k] = chosen[k]
-    _keep_first_layout(run, settings, user)
-    settings["_hardware"] = hw
-    settings["_attn_implementation"] = cfg["train"].get("attn_implementation") or chosen.get("attn_implementation")
-    settings["_estimated_peak_gib"] = chosen.get("estimated_peak_gib")
-    settings["_estimate"] = chosen.get("estimate")
-    settings["_reasons"] = chosen.get("reasons", []) + settings.pop("_kept", [])
-    settings["_warnings"] = chosen.get("warnings", [])
-    for w in settings["_warnings"]:
+            sft[k] = chosen[k]
+    kept = _keep_first_layout(run, sft, user)
+    plan = TrainPlan(
+        sft=sft,
+        attn_implementation=cfg["train"].get("attn_implementation") or chosen.get("attn_implementation"),
+        estimate=chosen.get("estimate"),
+        reasons=[*chosen.get("reasons", []), *kept],
+        warnings=list(chosen.get("warnings", [])),
+        hardware=hw,
+    )
+    for w in plan.warnings:
         print(f"⚠ {w}")
-    return settings
+    return plan
 
 
-def _keep_first_layout(run, settings: dict, user: dict) -> None:
+def _keep_first_layout(run, settings: dict, user: dict) -> list[str]:
     """Keep the packing and sampling order the run's checkpoints were trained with (hardware chose them then).
 
     A reconnect may land on another GPU (T4 → A100) or a CPU runtime, whose own choice would change
@@ -158,20 +161,20 @@ def _keep_first_layout(run, settings: dict, user: dict) -> None:
 
     complete, _ = scan_checkpoints(run.checkpoints_dir)
     if not complete or "packing" in user:
-        return
+        return []
     ckpt = complete[-1][1]
     first = read_manifest(ckpt).get("identity", {})
     if "packing" not in first or bool(first["packing"]) == bool(settings.get("packing")):
-        return
+        return []
     packing = bool(first["packing"])
     order = first.get("train_sampling_strategy") or ("random" if packing else "group_by_length")
     settings.update(packing=packing, padding_free=packing, train_sampling_strategy=order)
     if packing:
         settings["packing_strategy"] = "bfd"
-    settings.setdefault("_kept", []).append(
+    return [
         f"packing={packing}, train_sampling_strategy={order}: kept from {ckpt.name}, where this run was first "
         "trained on other hardware (the data order stays the same)"
-    )
+    ]
 
 
 def effective_batch(settings: dict) -> int:
@@ -190,12 +193,11 @@ def total_steps(settings: dict, n_rows: int) -> int:
     return int(math.ceil(per_epoch * float(settings.get("num_train_epochs", 1))))
 
 
-def settings_table(run, settings: dict, n_rows: int) -> list[dict[str, Any]]:
+def settings_table(run, plan: TrainPlan, n_rows: int) -> list[dict[str, Any]]:
     """Return rows (setting, value, why) for the notebook: every hyperparameter with its one-line reason."""
+    settings = plan.sft
     rows = []
     for key, value in settings.items():
-        if key.startswith("_"):
-            continue
         rows.append({"setting": f"train.{key}", "value": value, "why": EXPLAIN.get(key, "")})
     for key, value in run.cfg["lora"].items():
         rows.append({"setting": f"lora.{key}", "value": value, "why": EXPLAIN.get(key, "")})
@@ -223,10 +225,7 @@ def run_identity(run, settings: dict, fingerprint: str | None) -> dict[str, Any]
 
 
 def _data_fingerprint(run) -> str | None:
-    report = run.data_dir / "data_report.json"
-    if report.exists():
-        return json.loads(report.read_text()).get("fingerprint")
-    return None
+    return (run.data_report() or {}).get("fingerprint")
 
 
 def session_start(history: list[dict], step: int) -> tuple[int, float, float]:
@@ -330,15 +329,15 @@ def unlock_run(run) -> None:
         lock.release()
 
 
-def build_trainer(run, model, tokenizer, dataset, settings: dict):
-    """Return an SFTTrainer wired to the run folder, with the checkpoint callback attached (and the run locked:
-    the Trainer starts writing there)."""
+def build_trainer(run, model, tokenizer, dataset, plan: TrainPlan) -> tuple[Any, CheckpointCallback]:
+    """Return (SFTTrainer wired to the run folder, its checkpoint callback); the run is locked: the Trainer writes there."""
     from trl import SFTConfig
 
     SFTTrainer = _trainer_class()
     lock_run(run)
 
-    kwargs = {k: v for k, v in settings.items() if not k.startswith("_")}
+    settings = plan.sft
+    kwargs = dict(settings)
     if kwargs.pop("group_by_length", False):  # transformers 5 spelling of the old flag
         kwargs.setdefault("train_sampling_strategy", "group_by_length")
     keep = kwargs.pop("save_total_limit", 2)
@@ -383,9 +382,7 @@ def build_trainer(run, model, tokenizer, dataset, settings: dict):
             param.data = param.data.float()
     _canonical_target_modules(trainer.model)
     tracking.attach(run, trainer)  # resumable trackio run + the live view
-    trainer._lab_callback = callback
-    trainer._lab_settings = dict(settings)
-    return trainer
+    return trainer, callback
 
 
 def _canonical_target_modules(model) -> None:
@@ -406,9 +403,9 @@ def _adapter_is(run, ckpt: Path) -> bool:
     return file_digest(final) == want
 
 
-def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
+def plan_resume(run, trainer, callback: CheckpointCallback, explicit: str | None = None) -> ResumePlan:
     """Return where training starts, printing the skipped folders and one line: resume or fresh start."""
-    cb = trainer._lab_callback
+    cb = callback
     try:
         plan = choose_resume(run.checkpoints_dir, cb.identity, explicit)
     except BaseException:
@@ -420,7 +417,6 @@ def plan_resume(run, trainer, explicit: str | None = None) -> ResumePlan:
     settings = {k: getattr(trainer.args, k) for k in ("max_steps", "num_train_epochs", "per_device_train_batch_size",
                                                        "gradient_accumulation_steps")}
     total = total_steps(settings, n_rows)
-    trainer._lab_plan = plan
     cb.verified = plan.checkpoint
     if plan.checkpoint is not None and plan.step >= total:
         plan.finished, plan.in_the_way = True, []
@@ -450,7 +446,7 @@ class TrainResult:
     train_loss: float | None
 
 
-def _save_now(trainer) -> Path | None:
+def _save_now(trainer, callback: CheckpointCallback) -> Path | None:
     """Save a full checkpoint of the current state (used when the user presses stop)."""
     step = trainer.state.global_step
     if step == 0:
@@ -459,15 +455,13 @@ def _save_now(trainer) -> Path | None:
     if ckpt.exists():
         return ckpt
     trainer._save_checkpoint(trainer.model, trial=None)
-    trainer._lab_callback.finalize(ckpt, trainer.state)
+    callback.finalize(ckpt, trainer.state)
     return ckpt
 
 
-def _rebuild_after_oom(run, trainer, settings: dict):
-    """Return a new trainer on the same model and data with `settings`, keeping the user's extra callbacks."""
-    import gc
-
-    import torch
+def _rebuild_after_oom(run, trainer, plan: TrainPlan) -> tuple[Any, CheckpointCallback]:
+    """Return (a new trainer on the same model and data with `plan`, its callback), keeping the user's extra callbacks."""
+    from .hardware import free_memory
 
     extra = [
         cb
@@ -481,22 +475,20 @@ def _rebuild_after_oom(run, trainer, settings: dict):
         data["validation"] = trainer.eval_dataset
     trainer.optimizer = trainer.lr_scheduler = None
     del trainer
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    new = build_trainer(run, model, tok, data, settings)
+    free_memory()
+    new, callback = build_trainer(run, model, tok, data, plan)
     for cb in extra:
         new.add_callback(cb)
-    return new
+    return new, callback
 
 
-def train(run, trainer, plan: ResumePlan) -> TrainResult:
+def train(run, trainer, callback: CheckpointCallback, plan: ResumePlan, settings: TrainPlan) -> TrainResult:
     """Run (or continue) training; back off on CUDA out-of-memory; on the stop button save first. Return a TrainResult."""
     if plan.finished:
         return TrainResult(plan.step, 0.0, plan.checkpoint.name if plan.checkpoint else None, None)
     lock_run(run)  # again, when a first train() released it in this kernel
     try:
-        return _train_locked(run, trainer, plan)
+        return _train_locked(run, trainer, callback, plan, settings)
     finally:
         unlock_run(run)
 
@@ -508,7 +500,7 @@ def _move_out_of_the_way(run, plan: ResumePlan) -> None:
     plan.in_the_way = []
 
 
-def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
+def _train_locked(run, trainer, callback: CheckpointCallback, plan: ResumePlan, settings: TrainPlan) -> TrainResult:
     from . import defaults
 
     t0 = time.monotonic()
@@ -518,7 +510,7 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
             out = trainer.train(resume_from_checkpoint=str(plan.checkpoint) if plan.checkpoint else None)
             break
         except KeyboardInterrupt:
-            ckpt = _save_now(trainer)
+            ckpt = _save_now(trainer, callback)
             where = f"saved {ckpt.name} → {run.display(ckpt)}" if ckpt else "nothing to save yet"
             print(f"Stopped at step {trainer.state.global_step}: {where}. Run 02_train again to continue.")
             _write_log_history(run, trainer)
@@ -528,8 +520,7 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
                 raise
             old = {k: getattr(trainer.args, k) for k in ("per_device_train_batch_size", "gradient_accumulation_steps",
                                                          "gradient_checkpointing")}
-            settings = {**trainer._lab_settings, **old}
-            smaller = defaults.backoff(settings)
+            smaller = defaults.backoff({**settings.sft, **old})
             if smaller is None:
                 raise LabError(
                     "out of GPU memory even at micro-batch 1 with gradient checkpointing — lower model.max_length, "
@@ -542,34 +533,29 @@ def _train_locked(run, trainer, plan: ResumePlan) -> TrainResult:
                 f"{', gradient checkpointing on' if smaller.get('gradient_checkpointing') and not old['gradient_checkpointing'] else ''})."
             )
             geometry = {k: smaller[k] for k in old if k in smaller}
-            trainer = _rebuild_after_oom(run, trainer, {**trainer._lab_settings, **geometry})
-            plan = plan_resume(run, trainer)
+            settings = settings.with_sft(**geometry)
+            trainer, callback = _rebuild_after_oom(run, trainer, settings)
+            plan = plan_resume(run, trainer, callback)
     _write_log_history(run, trainer)
-    if trainer._lab_callback.stop_reason:
-        raise LabError(trainer._lab_callback.stop_reason)
+    if callback.stop_reason:
+        raise LabError(callback.stop_reason)
     loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
                 getattr(out, "training_loss", None))  # the whole run's, also after a resume (LabSFTTrainer.log)
     return TrainResult(trainer.state.global_step, time.monotonic() - t0, plan.checkpoint.name if plan.checkpoint else None, loss)
 
 
 def _write_log_history(run, trainer) -> None:
-    path = run.dir / "log_history.json"
-    tmp = tmp_path(path)
-    try:
-        tmp.write_text(json.dumps(trainer.state.log_history, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    """Write the Trainer's loss history to run/log_history.json (atomically)."""
+    write_json(run.dir / "log_history.json", trainer.state.log_history, indent=1)
 
 
-def save_adapter(run, trainer) -> Path:
+def save_adapter(run, trainer, plan: ResumePlan | None = None) -> Path:
     """Save the final LoRA adapter and tokenizer to run/adapter atomically; return the folder.
 
     On a finished run (02_train run again) nothing is written when the adapter is already the last
     checkpoint's; when it is missing or another, it is saved from that checkpoint (nothing is trained).
     """
     out = run.adapter_dir
-    plan = getattr(trainer, "_lab_plan", None)
     if plan is not None and plan.finished and _adapter_is(run, plan.checkpoint):
         return out
     tmp = tmp_path(out)
@@ -595,16 +581,16 @@ def save_adapter(run, trainer) -> Path:
     return out
 
 
-def memory_table(settings: dict) -> list[dict[str, Any]]:
+def memory_table(plan: TrainPlan) -> list[dict[str, Any]]:
     """Return the memory estimate's breakdown as table rows (part, GiB, what it counts)."""
-    est = settings.get("_estimate") or {}
+    est = plan.estimate or {}
     notes = (est.get("assumptions") or {}).get("notes", {})
     rows = []
     for part in ("weights", "lora", "optimizer", "gradients", "activations", "overhead"):
         if f"{part}_gib" in est:
             rows.append({"part": part, "GiB": round(est[f"{part}_gib"], 2), "what": notes.get(part, "")})
     if "total_gib" in est:
-        hw = settings.get("_hardware")
+        hw = plan.hardware
         cap = f" of {hw.memory_gib:.1f} GiB ({hw.name})" if hw is not None else ""
         rows.append({"part": "estimated peak", "GiB": round(est["total_gib"], 2), "what": cap.strip()})
     return rows

@@ -89,8 +89,8 @@ dataset = lab.load_prepared(run, tokenizer)
 settings = lab.train_settings(run)
 model, tokenizer = lab.load_for_training(
     run.cfg, path,
-    gradient_checkpointing=bool(settings.get("gradient_checkpointing")),
-    attn_implementation=settings.get("_attn_implementation"),
+    gradient_checkpointing=bool(settings.sft.get("gradient_checkpointing")),
+    attn_implementation=settings.attn_implementation,
 )
 model.print_trainable_parameters()
 
@@ -101,7 +101,7 @@ model.print_trainable_parameters()
 
 # %%
 lab.show_table(lab.settings_table(run, settings, len(dataset["train"])), title="Training settings")
-for reason in settings.get("_reasons", []):
+for reason in settings.reasons:
     print("·", reason)
 
 # %% [markdown]
@@ -112,9 +112,13 @@ for reason in settings.get("_reasons", []):
 # %%
 lab.show_table(lab.memory_table(settings), title="Estimated peak memory")
 
+# %% [markdown]
+# The trainer, and beside it the checkpoint callback: it saves every `checkpoint.save_every_minutes`
+# and marks each complete checkpoint with a manifest, which is what a re-run resumes from.
+
 # %%
-trainer = lab.build_trainer(run, model, tokenizer, dataset, settings)
-plan = lab.plan_resume(run, trainer, RESUME_FROM)
+trainer, callback = lab.build_trainer(run, model, tokenizer, dataset, settings)
+plan = lab.plan_resume(run, trainer, callback, RESUME_FROM)
 
 # %% [markdown]
 # ## Train
@@ -124,14 +128,14 @@ plan = lab.plan_resume(run, trainer, RESUME_FROM)
 # After a disconnect the curve starts with the steps trained before it (from the checkpoint).
 
 # %%
-result = lab.train(run, trainer, plan)
+result = lab.train(run, trainer, callback, plan, settings)
 
 # %% [markdown]
 # ## Result
 # The final adapter is saved beside the checkpoints; the loss curve shows how training went.
 
 # %%
-lab.save_adapter(run, trainer)
+lab.save_adapter(run, trainer, plan)
 print(f"{result.steps} steps; this session trained for {result.seconds / 60:.1f} min")
 lab.show_image(lab.plot_training(run))
 

@@ -89,7 +89,7 @@ TRIALS = 4  # @param {type:"integer"} random search only: how many settings to d
 ROWS = 1000  # @param {type:"integer"} training rows per trial: a sample ranks settings at a fraction of the cost
 STEPS_PER_TRIAL = 40  # @param {type:"integer"} optimizer steps per trial: the budget every trial gets
 VAL_ROWS = 64  # @param {type:"integer"} validation rows for each trial's loss and generated answers
-SELECT_BY = "eval_loss"  # @param ["eval_loss", "price_mae", "price_parsed", "exact_match"] what "best" means
+SELECT_BY = "eval_loss"  # @param ["eval_loss", "price_mae", "number_mae", "exact_match", "tool_call_match", "regex_match"] what "best" means
 RETRY_FAILED = False  # @param {type:"boolean"} True: run trials that failed before (e.g. out of memory) again
 
 run = lab.start(RUN_NAME, create=False)
@@ -125,7 +125,8 @@ results = lab.run_sweep(sweep, path, retry_failed=RETRY_FAILED)
 # %% [markdown]
 # ## Compare
 # Same budget, same data, same seed: the differences come from the settings. Rank 1 is best by
-# `SELECT_BY`.
+# `SELECT_BY`, in the direction 03_evaluate reports it (lower for losses and `*_mae`, higher for
+# matches): each trial's task metric is the one 03 picks for these answers (`lab_utils.metrics`).
 
 # %%
 lab.show_table(results, title=f"{len(results)} trials, {STEPS_PER_TRIAL} steps each")

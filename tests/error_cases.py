@@ -200,7 +200,7 @@ CASES: list[Case] = [
     ),
     Case(
         "max-steps-negative", "Config", "max_steps below -1", "00_setup",
-        "train.max_steps must be -1 (run all epochs) or a step count ≥ 1, e.g. 200; got -5",
+        "train.max_steps must be -1 (run all epochs) or a step count ≥ 1, e.g. 200, got -5",
         config={"train": {"max_steps": -5}},
     ),
     Case(
@@ -227,12 +227,12 @@ CASES: list[Case] = [
         "enum-typo", "Config", "a value outside a library's choices (`lr_scheduler_type: cosin`)", "00_setup",
         "train.lr_scheduler_type must be one of linear, cosine, cosine_with_restarts, polynomial, constant, "
         "constant_with_warmup, inverse_sqrt, reduce_lr_on_plateau, cosine_with_min_lr, cosine_warmup_with_min_lr, "
-        "warmup_stable_decay, greedy; got 'cosin' → did you mean 'cosine'?",
+        "warmup_stable_decay, greedy, got 'cosin' → did you mean 'cosine'?",
         config={"train": {"lr_scheduler_type": "cosin"}},
     ),
     Case(
         "lab-choice-typo", "Config", "a value outside the lab's choices (`data.on_too_long: cut`)", "00_setup",
-        "data.on_too_long must be one of drop, truncate; got 'cut'",
+        "data.on_too_long must be one of drop, truncate, got 'cut'",
         config={"data": {"on_too_long": "cut"}},
     ),
     Case(
@@ -309,7 +309,7 @@ CASES: list[Case] = [
     ),
     Case(
         "profile-unknown", "Config", "an unknown LAB_PROFILE", "00_setup",
-        "LAB_PROFILE must be one of auto, colab-t4, colab-l4, colab-a100, cpu-smoke; got 'colab-t5' → did you mean 'colab-t4'?",
+        "LAB_PROFILE must be one of auto, colab-t4, colab-l4, colab-a100, cpu-smoke, got 'colab-t5' → did you mean 'colab-t4'?",
         env={"LAB_PROFILE": "colab-t5"},
     ),
     Case(
@@ -454,7 +454,7 @@ CASES: list[Case] = [
     ),
     Case(
         "wrong-columns", "Data", "a CSV whose columns match no known format", "01_data",
-        "Cannot detect the data format: got columns ['a', 'b']; fix: set data.format to one of {…} or rename the "
+        "Cannot detect the data format, got columns ['a', 'b'] — set data.format to one of {…} or rename the "
         "columns.",
         config={"data": {"path": "{dir}/rows.csv"}}, files={"rows.csv": CSV_OTHER_COLUMNS}, before=("start",),
     ),

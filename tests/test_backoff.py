@@ -28,7 +28,7 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch_and_resumes(lab_
     ds = lab.prepare_data(run, tok)
     settings = lab.train_settings(run)
     model, tok = lab.load_for_training(run.cfg, "plain")
-    trainer = lab.build_trainer(run, model, tok, ds, settings)
+    trainer, callback = lab.build_trainer(run, model, tok, ds, settings)
     seen = []
 
     class FakeSmallGPU(TrainerCallback):
@@ -40,7 +40,7 @@ def test_out_of_memory_halves_micro_batch_keeps_effective_batch_and_resumes(lab_
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
     trainer.add_callback(FakeSmallGPU())
-    result = lab.train(run, trainer, lab.plan_resume(run, trainer))
+    result = lab.train(run, trainer, callback, lab.plan_resume(run, trainer, callback), settings)
     out = capsys.readouterr().out
     assert "Out of GPU memory at micro-batch 8: continuing from the last checkpoint with micro-batch 4 × accumulation 4" in out
     assert "Resuming from checkpoint-8 (step 8 of 16" in out
@@ -69,7 +69,7 @@ def test_out_of_memory_at_micro_batch_one_with_checkpointing_gives_a_clear_error
     ds = lab.prepare_data(run, tok)
     settings = lab.train_settings(run)
     model, tok = lab.load_for_training(run.cfg, "plain", gradient_checkpointing=True)
-    trainer = lab.build_trainer(run, model, tok, ds, settings)
+    trainer, callback = lab.build_trainer(run, model, tok, ds, settings)
 
     class FakeTinyGPU(TrainerCallback):
         def on_step_begin(self, args, state, control, **kw):
@@ -77,7 +77,7 @@ def test_out_of_memory_at_micro_batch_one_with_checkpointing_gives_a_clear_error
 
     trainer.add_callback(FakeTinyGPU())
     with pytest.raises(LabError) as err:
-        lab.train(run, trainer, lab.plan_resume(run, trainer))
+        lab.train(run, trainer, callback, lab.plan_resume(run, trainer, callback), settings)
     message = str(err.value)
     assert "out of GPU memory even at micro-batch 1 with gradient checkpointing" in message
     assert "lower model.max_length" in message  # the fix, in the same line

@@ -254,7 +254,7 @@ def test_a_sweep_ranks_by_the_metric_and_direction_03_reports(refs, kind):
 
     assert evaluation.metric_kind({"eval": {"metric": "auto"}}, refs) == kind
     source = inspect.getsource(sweep)
-    assert "ev.metric_kind(" in source and "def _metric_kind" not in source and "def _lower_is_better" not in source
+    assert "mt.metric_kind(" in source and "def _metric_kind" not in source and "def _lower_is_better" not in source
     for name in ("eval_loss", "loss", "perplexity", "price_mae", "number_mae", "number_error"):
         assert sweep.lower_is_better(name) and evaluation.lower_is_better(name)
     for name in ("exact_match", "price_parsed", "tool_call_match", "regex_match"):

@@ -256,17 +256,17 @@ def test_a_run_resumes_on_other_hardware_with_its_first_packing_and_batch(lab_ro
 
     # a checkpoint is resumed only when its adapter loads and is finite
     save_file({"base_model.model.layers.0.q_proj.lora_A.weight": torch.zeros(4, 4)}, str(ckpt / "adapter_model.safetensors"))
-    write_manifest(ckpt, run_identity(run, was, "f1"))
+    write_manifest(ckpt, run_identity(run, was.sft, "f1"))
     fresh = train_settings(Run(run.name, run.dir / "elsewhere", run.cfg), hardware=hardware_from_name(then))
     now = train_settings(run, hardware=hardware_from_name(then))
-    assert (now["packing"], now["train_sampling_strategy"]) == (was["packing"], was["train_sampling_strategy"])
-    assert effective_batch(now) == effective_batch(was)
-    assert any("kept from checkpoint-4" in r for r in now["_reasons"]) == (fresh["packing"] != was["packing"])
+    assert (now.sft["packing"], now.sft["train_sampling_strategy"]) == (was.sft["packing"], was.sft["train_sampling_strategy"])
+    assert effective_batch(now.sft) == effective_batch(was.sft)
+    assert any("kept from checkpoint-4" in r for r in now.reasons) == (fresh.sft["packing"] != was.sft["packing"])
     if then != "cpu":  # a CPU runtime has no paged 8-bit optimizer: that resume is refused, naming optim
-        assert choose_resume(run.checkpoints_dir, run_identity(run, now, "f1")).checkpoint == ckpt
+        assert choose_resume(run.checkpoints_dir, run_identity(run, now.sft, "f1")).checkpoint == ckpt
     else:
         with pytest.raises(LabError, match="optim"):
-            choose_resume(run.checkpoints_dir, run_identity(run, now, "f1"))
+            choose_resume(run.checkpoints_dir, run_identity(run, now.sft, "f1"))
 
 
 # ── 7. the chat widget renders on Colab ─────────────────────────────────────────────────────────

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from lab_utils.__main__ import defaults_cli as cli
 from lab_utils.defaults import (
+    HARDWARE_KEYS,
     PROFILES,
     Hardware,
     backoff,
     choose,
-    cli,
     detect_hardware,
     estimate_memory,
     hardware_from_name,
@@ -27,21 +28,12 @@ from lab_utils.defaults import (
     profile_for,
     sft_kwargs,
 )
+from lab_utils.errors import LabError
 
 LLAMA_1B = {"model_params": 1.24e9, "max_length": 2048}  # Llama-3.2-1B, the lab's model
 COLAB_CPU = Hardware("cpu", "cpu", 12.7, None, False)  # Colab's CPU runtime
 BASE = dict(model_params=1.24e9, lora_r=32, max_length=2048, micro_batch=2, gradient_checkpointing=True)
-SFT_FIELDS = {
-    "per_device_train_batch_size",
-    "gradient_accumulation_steps",
-    "gradient_checkpointing",
-    "fp16",
-    "bf16",
-    "optim",
-    "padding_free",
-    "packing",
-    "train_sampling_strategy",
-}
+SFT_FIELDS = set(HARDWARE_KEYS) - {"packing_strategy"}  # packing_strategy is set only with packing
 
 
 def is_power_of_two(n: int) -> bool:
@@ -119,7 +111,7 @@ def test_effective_batch_follows_the_target():
 
 
 def test_effective_batch_must_be_a_power_of_two():
-    with pytest.raises(ValueError, match=r"power of two: got 12; fix"):
+    with pytest.raises(LabError, match=r"power of two, got 12 — use"):
         choose(hardware_from_name("T4"), **LLAMA_1B, target_effective_batch=12)
 
 
@@ -247,9 +239,7 @@ def test_user_chunked_loss_lets_the_t4_take_a_bigger_micro_batch():
 
 @pytest.mark.parametrize("bad", [0, -2, 2.5, "4", True])
 def test_a_nonsense_user_micro_batch_is_an_error_that_names_the_fix(bad):
-    with pytest.raises(
-        ValueError, match=r"per_device_train_batch_size must be a whole number >= 1: got .*; fix"
-    ):
+    with pytest.raises(LabError, match=r"train.per_device_train_batch_size must be a whole number >= 1, got .* — e.g."):
         choose(hardware_from_name("T4"), **LLAMA_1B, user={"per_device_train_batch_size": bad})
 
 
@@ -373,7 +363,7 @@ def test_llama_rule_recovers_llama_3_2_1b_from_its_parameter_count():
 
 
 def test_model_smaller_than_its_embeddings_is_an_error_naming_the_fix():
-    with pytest.raises(ValueError, match="smaller than the embeddings alone: got .*; fix"):
+    with pytest.raises(LabError, match="smaller than the embeddings alone, got .* — check model_params"):
         estimate_memory(**{**BASE, "model_params": 1e6})
 
 
@@ -437,11 +427,11 @@ def test_hardware_capability_decides_bf16():
 
 
 def test_unknown_gpu_name_lists_the_known_ones():
-    with pytest.raises(ValueError) as err:
+    with pytest.raises(LabError) as err:
         hardware_from_name("RTX 9090")
     for known in ("T4", "L4", "A100-40GB", "A100-80GB", "H100", "cpu"):
         assert known in str(err.value)
-    assert "got 'RTX 9090'" in str(err.value) and "fix:" in str(err.value)
+    assert "got 'RTX 9090' — use one of" in str(err.value) and "\n" not in str(err.value)
 
 
 def fake_torch(

@@ -144,7 +144,7 @@ def test_check_merged_matches_unmerged_adapter(tiny: dict[str, Path], merged: Pa
 
 
 def test_merge_rejects_a_folder_without_adapter(tiny: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(LabError, match="adapter_config.json.*fix:"):
+    with pytest.raises(LabError, match="adapter_config.json — "):
         export.merge_adapter(str(tiny["base"]), tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
@@ -222,11 +222,11 @@ def test_converter_dir_offline_error_names_the_fix(tmp_path: Path, monkeypatch) 
     def fail(*args, **kwargs):
         return subprocess.CompletedProcess(args, 1, "", "ERROR: No matching distribution found\n")
 
-    monkeypatch.setattr(export.subprocess, "run", fail)
+    monkeypatch.setattr(subprocess, "run", fail)  # the converter download (gguf.py) runs pip
     with pytest.raises(LabError) as err:
         export.converter_dir(tmp_path / "cache")
     msg = str(err.value)
-    assert "\n" not in msg and "No matching distribution" in msg and "fix:" in msg
+    assert "\n" not in msg and "No matching distribution" in msg and " — " in msg
     assert not (tmp_path / "cache" / f"llama.cpp-{export.LLAMA_CPP_PYTHON_VERSION}").exists()
 
 
@@ -275,7 +275,7 @@ def test_free_space_ok(tmp_path: Path) -> None:
     with pytest.raises(LabError) as err:
         export.free_space_ok(tmp_path, 10**18)
     msg = str(err.value)
-    assert "\n" not in msg and "free" in msg and "fix:" in msg
+    assert "\n" not in msg and ", got " in msg and "free" in msg and " — " in msg
 
 
 def test_estimate_export_bytes(tiny: dict[str, Path]) -> None:
@@ -288,7 +288,7 @@ def test_estimate_export_bytes(tiny: dict[str, Path]) -> None:
     f16 = export.estimate_export_bytes(str(tiny["base"]), ["f16"])
     both = export.estimate_export_bytes(str(tiny["base"]), ["merged", "f16", "q8_0"])
     assert f16 >= 2 * n and both > 2 * f16
-    with pytest.raises(LabError, match="fix:"):
+    with pytest.raises(LabError, match=", got .* — use"):
         export.estimate_export_bytes(str(tiny["base"]), ["q3_xyz"])
 
 
@@ -328,6 +328,31 @@ def test_model_card(tmp_path: Path) -> None:
         assert needle in text, needle
     assert SECRET not in text and "hf_token" not in text
     assert sorted(p.name for p in out.iterdir()) == ["README.md"]
+
+
+def test_the_model_card_is_one_the_hub_library_reads(tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run" / "export"
+    (out / "gguf").mkdir(parents=True)
+    card = ModelCard.load(export.write_model_card(out, run_name="r", base_model="org/base", config={}, metrics=None,
+                                                  data_report=None))
+    assert card.data.base_model == "org/base" and card.data.library_name == "peft"
+    assert card.data.pipeline_tag == "text-generation" and {"qlora", "gguf"} <= set(card.data.tags)
+    assert card.text.lstrip().startswith("# r\n")
+
+
+def test_count_params_reads_safetensors_headers_and_falls_back_for_packed_weights(tmp_path: Path) -> None:
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    save_file({"a": np.zeros((3, 4), np.float16), "b": np.zeros(5, np.float32)}, str(tmp_path / "model.safetensors"))
+    assert export._count_params(str(tmp_path)) == 17
+    save_file({"q": np.zeros(8, np.uint8)}, str(tmp_path / "model.safetensors"))  # 4-bit packed: no true count
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "llama", "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 1,
+        "num_attention_heads": 2, "vocab_size": 10}))
+    assert export._count_params(str(tmp_path)) == (8 * 2 * 4 * 2 * 2 + 3 * 8 * 16 + 2 * 8) + 10 * 8 * 2 + 8
 
 
 def _export_dir(tmp_path: Path, tiny: dict[str, Path], merged: Path) -> Path:
@@ -466,14 +491,14 @@ def test_model_card_lists_sweep_settings_only_when_a_sweep_ran(tmp_path: Path) -
     (run_dir / "export").mkdir(parents=True)
     cfg = {"model": {"name": "org/base"}, "train": {"learning_rate": 2e-4}, "sweep": {"space": {"lora.r": [8, 32]}}}
     run = SimpleNamespace(dir=run_dir, name="run", cfg=cfg, data_dir=run_dir / "data", eval_dir=run_dir / "eval",
-                          export_dir=run_dir / "export", display=str)
+                          export_dir=run_dir / "export", display=str, data_report=lambda: None)
     assert "sweep." not in export.export_card(run).read_text()
     (run_dir / "sweep" / "trial-000-lr2e-4").mkdir(parents=True)
     assert "`sweep.space.lora.r` | 8, 32" in export.export_card(run).read_text()
 
 
 def test_converter_warnings_that_change_nothing_are_explained_and_per_tensor_lines_hidden() -> None:
-    from lab_utils.export import converter_line
+    from lab_utils.gguf import converter_line
 
     assert converter_line("INFO:hf-to-gguf:blk.9.attn_v.weight,        torch.float16 --> F16, shape = {576, 192}") is None
     rope = converter_line("WARNING:hf-to-gguf:Unknown RoPE type: default")

@@ -41,3 +41,25 @@ def test_problem_writes_what_got_fix_in_one_line():
     assert str(e) == "train.learning_rate must be a number, got 'fast' — e.g. 2e-4"
     assert str(problem("train.epochs must be positive", got=-1)) == "train.epochs must be positive, got -1"
     assert str(problem("no model", fix="set model.name")) == "no model — set model.name"
+
+
+def test_only_files_py_writes_a_file_then_renames_it():
+    """Every write-then-rename of a file goes through files.py; only whole folders are swapped elsewhere."""
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "lab_utils"
+    # adapter/, dataset/, set-aside/ and the embedded model's folders, a .gguf's converted model folder; the GGUF
+    # files llama.cpp's tools wrote
+    folder_swaps = {"training.py": 3, "data.py": 1, "checkpoints.py": 1, "embedded.py": 1, "gguf.py": 1,
+                    "gguf_source.py": 1}
+    found = {p.name: len(re.findall(r"os\.replace\(|\btmp\.replace\(", p.read_text())) for p in package.glob("*.py")}
+    assert {k: v for k, v in found.items() if v and k != "files.py"} == folder_swaps
+
+
+def test_write_json_with_fsync_leaves_only_the_file(tmp_path):
+    from lab_utils.files import write_json
+
+    write_json(tmp_path / "manifest.json", {"a": 1}, fsync=True, sort_keys=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["manifest.json"]
+    assert (tmp_path / "manifest.json").read_text() == '{"a": 1}'

@@ -38,7 +38,7 @@ def _train(name: str, stop_at: int | None = None, form: dict | None = None, rest
     ds = lab.prepare_data(run, tok)
     settings = lab.train_settings(run)
     model, tok = lab.load_for_training(run.cfg, "plain")
-    trainer = lab.build_trainer(run, model, tok, ds, settings)
+    trainer, callback = lab.build_trainer(run, model, tok, ds, settings)
 
     class StopAt(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -47,10 +47,10 @@ def _train(name: str, stop_at: int | None = None, form: dict | None = None, rest
             return control
 
     trainer.add_callback(StopAt())
-    plan = lab.plan_resume(run, trainer)
-    lab.train(run, trainer, plan)
+    plan = lab.plan_resume(run, trainer, callback)
+    lab.train(run, trainer, callback, plan, settings)
     if stop_at is None:
-        lab.save_adapter(run, trainer)
+        lab.save_adapter(run, trainer, plan)
     return run, plan
 
 
@@ -217,7 +217,7 @@ def test_stop_button_saves_a_complete_checkpoint_before_training_stops(lab_root,
     ds = lab.prepare_data(run, tok)
     settings = lab.train_settings(run)
     model, tok = lab.load_for_training(run.cfg, "plain")
-    trainer = lab.build_trainer(run, model, tok, ds, settings)
+    trainer, callback = lab.build_trainer(run, model, tok, ds, settings)
 
     class PressStop(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
@@ -226,7 +226,7 @@ def test_stop_button_saves_a_complete_checkpoint_before_training_stops(lab_root,
 
     trainer.add_callback(PressStop())
     with pytest.raises(KeyboardInterrupt):
-        lab.train(run, trainer, lab.plan_resume(run, trainer))
+        lab.train(run, trainer, callback, lab.plan_resume(run, trainer, callback), settings)
     ck = run.checkpoints_dir / "checkpoint-12"
     assert check_checkpoint(ck) is None, "the checkpoint saved on stop is complete"
     assert "Stopped at step 12: saved checkpoint-12" in capsys.readouterr().out

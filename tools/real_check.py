@@ -8,6 +8,7 @@ take seconds per step even for a 135M model, so it trains a few dozen short rows
 
 Checks (exit 1 naming each that failed):
   - tuned validation loss below the base model's (03_evaluate's metrics.json);
+  - the lab's model shape (lab_utils.memory) gives the parameter count the weights hold and peft's LoRA size;
   - masks: on every processed row, the trained tokens decode to the assistant answer + <|im_end|> only;
   - the GGUF written by 04_export reads back (llama.cpp's gguf reader: architecture, tensors, vocab).
 Figures printed and written to <run>/real_check.json: base vs tuned loss, seconds per step, the memory
@@ -125,6 +126,31 @@ def check_gguf(run_dir: Path) -> tuple[bool, str]:
     return ok, f"{files[0].name}: {arch}, {len(r.tensors)} tensors, vocabulary {vocab:,}"
 
 
+def _numel(path: Path) -> int:
+    from math import prod
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
+def check_shape(gguf: Path, run_dir: Path, r: int) -> tuple[bool, str]:
+    """Return (ok, line): the lab's shape function gives the parameters the weights hold and the LoRA size peft saved."""
+    from transformers import AutoConfig
+
+    from lab_utils.embedded import resolve_model
+    from lab_utils.memory import shape_from_config
+
+    folder = Path(resolve_model(str(gguf)))
+    shape = shape_from_config(AutoConfig.from_pretrained(str(folder)))
+    held = sum(_numel(p) for p in folder.glob("*.safetensors"))  # tied embeddings: the head is not stored twice
+    lora = _numel(run_dir / "adapter" / "adapter_model.safetensors")
+    ok = shape.params() == held and shape.lora_params(r) == lora
+    return ok, (f"{shape.params():,} parameters (the weights hold {held:,}); LoRA r={r}: {shape.lora_params(r):,} "
+                f"(the adapter peft saved holds {lora:,})")
+
+
 def _estimate_gib(run_dir: Path) -> float | None:
     """Return the lab's peak-memory estimate for this run's settings (what 02_train printed)."""
     import lab_utils as lab
@@ -180,6 +206,7 @@ def main() -> int:
     peak = stats["02_train"]["peak_rss_gib"]
     checks = {
         "tuned validation loss below base": (tuned < base, f"base {base:.4f} → tuned {tuned:.4f}"),
+        "model shape read from the config": check_shape(gguf, run_dir, int(cfg["lora"]["r"])),
         "masks decoded": (masks_ok, masks_line),
         "GGUF read back": (gguf_ok, gguf_line),
     }
