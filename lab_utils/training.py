@@ -143,12 +143,23 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
         attn_implementation=cfg["train"].get("attn_implementation") or chosen.get("attn_implementation"),
         estimate=chosen.get("estimate"),
         reasons=[*chosen.get("reasons", []), *kept],
-        warnings=list(chosen.get("warnings", [])),
+        warnings=[*chosen.get("warnings", []), *_cpu_warning(cfg, hw)],
         hardware=hw,
     )
     for w in plan.warnings:
         print(f"⚠ {w}")
     return plan
+
+
+def _cpu_warning(cfg: dict, hw) -> list[str]:
+    """Return the one plain line for a real model on a CPU: what CPU is for, and how the time will be shown."""
+    from .embedded import is_embedded
+
+    if getattr(hw, "kind", "cpu") != "cpu" or is_embedded(cfg["model"]["name"]):
+        return []
+    return ["training a real model on the CPU: fine for checking a run end to end, slow for real training "
+            "(SmolLM2-135M took 4–12 s per step of 4 short rows on 2 cores; a 1B model is ~10× that) — the expected "
+            "time is printed after the first micro-batches; for real runs use a GPU runtime (Colab: a T4)"]
 
 
 def _keep_first_layout(run, settings: dict, user: dict) -> list[str]:

