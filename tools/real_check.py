@@ -169,7 +169,7 @@ def _estimate_gib(run_dir: Path) -> float | None:
 def main() -> int:
     t0 = time.monotonic()
     load0 = os.getloadavg()
-    steps = int(os.environ.get("REAL_CHECK_STEPS") or 24)
+    steps = int(os.environ.get("REAL_CHECK_STEPS") or 12)
     gguf = find_gguf()
     root = Path(os.path.abspath(Path(os.environ.get("LAB_ROOT") or REPO / "runs").expanduser()))
     run_dir = root / RUN_NAME
