@@ -165,9 +165,9 @@ def write_model_card(
 
     hub = hub_model_id(base_model)  # base_model only as a hub id: a path, a .gguf file or embedded: is nothing to link
     front = ModelCardData(base_model=hub, library_name="peft", pipeline_tag="text-generation", tags=tags)
-    base_ref = f"for [`{hub}`](https://huggingface.co/{hub})" if hub else "trained from a local model (not on the Hub)"
+    base_ref = f"for [`{hub}`](https://huggingface.co/{hub}), trained" if hub else "trained from a local model (not on the Hub)"
     s: list[str] = [f"# {run_name}", "",
-                    f"A LoRA adapter {base_ref}, trained with QLoRA (4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
+                    f"A LoRA adapter {base_ref} with QLoRA (4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
     s += _files_section(out_dir, exported)
     what = f"`{hub}`" if hub else "Trained from a local model (a file or folder on the training machine, not a Hub id)"
     s += ["## Base model", "", f"{what}, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
