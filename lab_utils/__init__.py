@@ -47,6 +47,7 @@ _EXPORTS = {
     "task_metrics": "evaluation",
     "metrics_table": "evaluation",
     "verdict": "evaluation",
+    "loss_note": "evaluation",
     "generations_table": "evaluation",
     "export_adapter_source": "evaluation",
     "plot_loss_curve": "plots",

@@ -40,21 +40,40 @@ def summary_lines(metrics: dict) -> list[str]:
     return lines
 
 
+def run_notebooks(names: tuple[str, ...] = NOTEBOOKS, stats: dict[str, dict] | None = None) -> int:
+    """Run notebooks as scripts in order; return the first non-zero exit, else 0.
+
+    `stats`, when given, gets each notebook's seconds and peak resident memory (its process's ru_maxrss).
+    """
+    folder = _notebooks_dir()
+    for name in names:
+        print(f"\n━━━ {name} ━━━", flush=True)
+        t = time.monotonic()
+        child = subprocess.Popen([sys.executable, str(folder / f"{name}.py")])
+        try:
+            _, status, usage = os.wait4(child.pid, 0)
+        except BaseException:
+            child.kill()
+            raise
+        child.returncode = rc = os.waitstatus_to_exitcode(status)
+        if rc != 0:
+            print(f"✗ {name} failed (exit {rc}); see its output above", file=sys.stderr)
+            return rc
+        if stats is not None:  # ru_maxrss is in KiB on Linux
+            stats[name] = {"seconds": time.monotonic() - t, "peak_rss_gib": usage.ru_maxrss / 2**20}
+        print(f"✓ {name} done in {time.monotonic() - t:.0f} s", flush=True)
+    return 0
+
+
 def demo() -> int:
     """Run the five notebooks as scripts on the embedded default, then print a summary."""
     # one absolute runs folder for every notebook (`make demo` passes ./runs): no child can read it otherwise
     os.environ["LAB_ROOT"] = os.path.abspath(Path(os.environ.get("LAB_ROOT") or "runs").expanduser())
     os.environ["PYTHONUNBUFFERED"] = "1"
-    folder = _notebooks_dir()
     t0 = time.monotonic()
-    for name in NOTEBOOKS:
-        print(f"\n━━━ {name} ━━━", flush=True)
-        t = time.monotonic()
-        rc = subprocess.call([sys.executable, str(folder / f"{name}.py")])
-        if rc != 0:
-            print(f"✗ {name} failed (exit {rc}); see its output above", file=sys.stderr)
-            return rc
-        print(f"✓ {name} done in {time.monotonic() - t:.0f} s", flush=True)
+    rc = run_notebooks()
+    if rc != 0:
+        return rc
     from .config import resolve_config
 
     cfg = resolve_config()

@@ -34,6 +34,16 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+LOCAL = "a local model"  # what the card says instead of a path, a file or an embedded: name
+
+
+def _public(v: Any) -> Any:
+    """Return v, or "(a local path)" for a string that names a file or folder on this machine: never published."""
+    if isinstance(v, str) and ("/" in v or "\\" in v) and (v.startswith(("/", "~", ".")) or Path(v).expanduser().exists()):
+        return "(a local path)"
+    return v
+
+
 def _is_secret(key: str, value: Any = None) -> bool:
     """Return True for entries that may hold credentials (never written to the card): config.is_secret decides."""
     from .config import is_secret
@@ -63,10 +73,15 @@ _LORA_KEYS = {"r", "rank", "lora_r", "lora_alpha", "alpha", "lora_dropout", "tar
 
 def _split_config(config: dict[str, Any]) -> tuple[dict, dict, dict]:
     """Return the config's non-secret settings as (LoRA, data, training) dicts of dotted keys."""
+    from .model import hub_model_id
+
     lora, data_cfg, train = {}, {}, {}
     for k, v in _flatten(config or {}).items():
         if _is_secret(k, v):
             continue
+        v = _public(v)
+        if k in ("model.name", "model.tokenizer") and v and not hub_model_id(v):
+            v = LOCAL
         parts = k.lower().split(".")
         if "lora" in parts[0] or parts[-1] in _LORA_KEYS:
             lora[k] = v
@@ -96,7 +111,7 @@ def _data_section(data_cfg: dict, data_report: dict[str, Any] | None) -> list[st
     if data_cfg:
         s += [_table(data_cfg), ""]
     if data_report:
-        rows = {k: v for k, v in _flatten(data_report).items()
+        rows = {k: _public(v) for k, v in _flatten(data_report).items()
                 if not _is_secret(k, v) and not (isinstance(v, (list, tuple)) and len(v) > 12)}
         s += ["Data report summary:", "", _table(dict(list(rows.items())[:40]), ("item", "value")), ""]
     if not data_cfg and not data_report:
@@ -120,7 +135,7 @@ _LIMITS = [
     "- Small model, short training: it can be confidently wrong, repeat itself or drift off-topic; "
     "check anything that matters.",
     "- Not evaluated for safety, bias or toxicity; it inherits the base model's limitations and license "
-    "(see `{base_model}`).",
+    "(see {base_model}).",
     "- Use the chat template saved with the tokenizer; other prompt formats will work worse.",
     "- GGUF q8_0/q4_k_m files are quantized: expect small differences from the 16-bit model.", "",
 ]
@@ -146,17 +161,21 @@ def write_model_card(
     lora, data_cfg, train = _split_config(config)
     exported = {p for p in EXPORT_PARTS if (out_dir / p).exists()}
     tags = ["qlora", "lora", "peft", "sft", "text-generation", "qlora-lab"] + ["gguf"] * ("gguf" in exported)
-    front = ModelCardData(base_model=base_model, library_name="peft", pipeline_tag="text-generation", tags=tags)
+    from .model import hub_model_id
+
+    hub = hub_model_id(base_model)  # base_model only as a hub id: a path, a .gguf file or embedded: is nothing to link
+    front = ModelCardData(base_model=hub, library_name="peft", pipeline_tag="text-generation", tags=tags)
+    base_ref = f"for [`{hub}`](https://huggingface.co/{hub}), trained" if hub else "trained from a local model (not on the Hub)"
     s: list[str] = [f"# {run_name}", "",
-                    f"A LoRA adapter for [`{base_model}`](https://huggingface.co/{base_model}), trained with QLoRA "
-                    "(4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
+                    f"A LoRA adapter {base_ref} with QLoRA (4-bit base, 16-bit adapter) in the qlora-lab notebooks.", ""]
     s += _files_section(out_dir, exported)
-    s += ["## Base model", "", f"`{base_model}`, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
+    what = f"`{hub}`" if hub else "Trained from a local model (a file or folder on the training machine, not a Hub id)"
+    s += ["## Base model", "", f"{what}, loaded in 4 bits (NF4) for training; merged into its 16-bit weights.", ""]
     s += _data_section(data_cfg, data_report)
     s += ["## LoRA", "", _table(lora) if lora else "Not recorded.", ""]
     s += ["## Training hyperparameters", "", _table(train) if train else "Not recorded.", ""]
     s += _evaluation_section(metrics)
-    s += [line.replace("{base_model}", base_model) for line in _LIMITS]
+    s += [line.replace("{base_model}", f"`{hub}`" if hub else "its own card") for line in _LIMITS]
     card = ModelCard(f"---\n{front.to_yaml()}\n---\n\n" + "\n".join(s))  # the Hub's own front matter writer
     out_dir.mkdir(parents=True, exist_ok=True)
     return write_text(out_dir / "README.md", str(card))

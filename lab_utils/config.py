@@ -99,7 +99,10 @@ DEFAULTS: dict[str, Any] = {
         "report_to": "trackio",  # trackio | tensorboard | wandb | none: experiment tracking (lab_utils.tracking)
     },
     "checkpoint": {"save_every_minutes": 20.0, "min_free_gib": 0.5},
-    "eval": {"num_generations": 8, "max_new_tokens": 16, "metric": "auto", "metric_pattern": None},
+    # rows: validation rows scored by 03 and by the validation loss during training (a seeded sample; null = all);
+    # checkpoints: all = each kept checkpoint's loss in 03 too, none = base and final only
+    "eval": {"num_generations": 8, "max_new_tokens": 16, "metric": "auto", "metric_pattern": None, "rows": 200,
+             "checkpoints": "all"},
     "export": {"gguf": ["f16", "q8_0"], "merged": True, "push_repo": None, "push": ["adapter"], "private": True, "adapter": "best"},
     # 05_sweep: short trials over `space` (dotted train.*/lora.* keys → values), each on a data subset.
     "sweep": {
@@ -161,6 +164,7 @@ _RANGES: dict[str, tuple] = {
     "data.limit": (1, None, False, False, "1000"),
     "checkpoint.save_every_minutes": (0, None, True, False, "20"),
     "eval.max_new_tokens": (1, None, False, False, "16"),
+    "eval.rows": (1, None, False, False, "200"),
 }
 # Numbers where a negative sentinel means "off": the allowed sentinel and the range otherwise.
 _SENTINELS = {"train.max_steps": (-1, 1, "-1 (run all epochs) or a step count ≥ 1, e.g. 200", "200")}
@@ -193,6 +197,8 @@ _OWN_TYPES: dict[str, tuple[set[str], tuple | None]] = {
     "eval.max_new_tokens": ({"int"}, None),
     "eval.metric": ({"str"}, METRICS),
     "eval.metric_pattern": ({"str", "null"}, None),
+    "eval.rows": ({"int", "null"}, None),
+    "eval.checkpoints": ({"str"}, ("all", "none")),
     "export.gguf": ({"list"}, GGUF_TYPES),
     "export.merged": ({"bool"}, None),
     "export.push_repo": ({"str", "null"}, None),

@@ -84,6 +84,7 @@ EXAMPLES_PER_REASON = 3
 MALFORMED = "__lab_malformed_json__"  # column that marks a JSONL line that was not a JSON object
 AUTO_NUM_PROC_ROWS = 20_000  # below this, worker start-up costs more than it saves
 # Words in a file's name that put it in a split (datasets' own convention): the rest is training data.
+SMALL_VALIDATION = 10  # fewer validation rows than this: a warning (one row's answer is the whole score)
 _SPLIT_WORDS = {"validation": ("validation", "valid", "val", "dev", "eval"), "test": ("test",)}
 # What to do when a reason dominates the dropped rows (the stop message names the top reason's fix).
 _FIXES = {
@@ -803,6 +804,7 @@ class _Tally:
 
     max_length: int
     reasons: Counter = field(default_factory=Counter)
+    unknown_roles: Counter = field(default_factory=Counter)  # the role names to map, for the stop line
     examples: dict[str, list] = field(default_factory=dict)
     truncated: dict[str, Any] = field(default_factory=lambda: {"rows": 0, "examples": []})
     lengths_before: list[int] = field(default_factory=list)  # every tokenized row, not a duplicate, full length
@@ -829,6 +831,8 @@ class _Tally:
             if drop:
                 reason, detail, excerpt = drop.split("\t", 2)
                 self.reasons[reason] += 1
+                if reason == "unknown_role" and (m := re.search(r"unknown role ('.*?'|\".*?\")", detail)):
+                    self.unknown_roles[m.group(1)] += 1
                 ex = self.examples.setdefault(reason, [])
                 if len(ex) < EXAMPLES_PER_REASON:
                     ex.append({"split": split, "row": int(row), "detail": detail, "excerpt": excerpt})
@@ -947,6 +951,10 @@ def _stop_if_too_few_kept(run, report: dict, tally: _Tally) -> None:
     stop = None
     top = ", ".join(f"{r} ({n})" for r, n in reasons.most_common(3))
     fix = _FIXES.get(reasons.most_common(1)[0][0] if reasons else "", "fix the data")
+    if reasons and reasons.most_common(1)[0][0] == "unknown_role" and tally.unknown_roles:
+        names = [r for r, _ in tally.unknown_roles.most_common()]
+        fix = (f"map the role names {', '.join(names[:8])}{' …' if len(names) > 8 else ''} with data.role_map, "
+               f"e.g. data.role_map: {{{names[0]}: assistant}} (each to system, user or assistant)")
     if kept == 0:
         stop = f"no usable rows left in {d['path']!r}: all {total_in} dropped ({top}) — {fix}"
     elif share > float(d.get("max_drop_fraction", 0.5)):
@@ -991,6 +999,9 @@ def _show_splits(report: dict) -> None:
         f"Splits: {report['splits']['train']} train, {report['splits']['validation']} validation "
         f"({report['validation_from']})"
     )
+    if report["splits"]["validation"] < SMALL_VALIDATION:
+        print(f"⚠ only {report['splits']['validation']} validation row(s): validation loss and 03's scores will swing "
+              "with every row — raise data.val_fraction or add a validation split (≥ 50 rows gives steadier numbers)")
     if report["truncated"]["rows"]:
         print(
             f"⚠ {report['truncated']['rows']} rows were cut to model.max_length={report['max_length']} "

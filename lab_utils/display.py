@@ -47,14 +47,24 @@ def show_table(rows: list[dict[str, Any]] | list[tuple], headers: list[str] | No
         cap = f"<caption style='text-align:left'><b>{escape(title)}</b></caption>" if title else ""
         display(HTML(f"<table>{cap}<thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"))
         return
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(headers)]
-    widths = [min(w, 60) for w in widths]
-    if title:
-        print(title)
-    print("  ".join(h.ljust(w) for h, w in zip(headers, widths)))
-    print("  ".join("-" * w for w in widths))
+    print("\n".join(text_table(cells, headers, title)))
+
+
+def text_table(cells: list[list[str]], headers: list[str], title: str | None = None, width: int = 60) -> list[str]:
+    """Return a table's text lines: columns up to `width` wide; the last column (advice, answers) wraps, never cut."""
+    import textwrap
+
+    widths = [min(max(len(h), *(len(row[i]) for row in cells)), width) for i, h in enumerate(headers)]
+    lines = [title] if title else []
+    lines += ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip(),
+              "  ".join("-" * w for w in widths)]
     for row in cells:
-        print("  ".join((c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(row, widths)))
+        first = [(c if len(c) <= w else c[: w - 1] + "…").ljust(w) for c, w in zip(row[:-1], widths)]
+        last = textwrap.wrap(row[-1], widths[-1], break_on_hyphens=False) or [""]
+        lines.append("  ".join([*first, last[0]]).rstrip())
+        pad = "  ".join(" " * w for w in widths[:-1])
+        lines += [f"{pad}  {more}" if pad else more for more in last[1:]]
+    return lines
 
 
 def show_image(path: Path | str) -> None:

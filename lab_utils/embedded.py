@@ -254,8 +254,12 @@ def _model_fingerprint() -> str:
 
 
 def resolve_model(name: str) -> str:
-    """Return a loadable model path: the built tiny Llama folder for `embedded:tiny-llama`, an existing local
-    folder as an absolute path, else `name` (a hub id)."""
+    """Return a loadable model path: the built tiny Llama folder for `embedded:tiny-llama`, the folder converted
+    from a local `.gguf` file, an existing local folder as an absolute path, else `name` (a hub id)."""
+    from .gguf_source import gguf_folder, is_gguf_file
+
+    if is_gguf_file(name):
+        return gguf_folder(name)
     if not is_embedded(name):
         return absolute_if_local(name)
     if name != EMBEDDED_MODEL:

@@ -377,7 +377,8 @@ def environment_report(root: Path | None = None) -> list[tuple[str, str]]:
             ("bf16", "yes" if hw.bf16 else "no (fp16 will be used)"),
         ]
     else:
-        rows += [("GPU", "none (CPU only: fine for the embedded demo, slow for real models)")]
+        rows += [("GPU", "none — CPU only: the embedded demo trains in minutes; a real model takes seconds to minutes "
+                         "per step (02_train prints the expected time after its first steps) — use a GPU for real runs")]
     rows.append(("torch", torch.__version__))
     major_minor = tuple(int(x) for x in torch.__version__.split("+")[0].split(".")[:2])
     if major_minor < (2, 10):

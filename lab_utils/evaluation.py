@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -65,6 +66,8 @@ __all__ = [  # the metric names (metrics.__all__) are importable from here too
     "train_references",
     "prompt_and_reference",
     "eval_sample",
+    "validation_sample",
+    "loss_note",
     "adapter_hash",
     "evaluate_run",
     "metrics_table",
@@ -279,6 +282,35 @@ def eval_sample(n_rows: int, max_rows: int | None, seed: int) -> list[int]:
     return sorted(random.Random(seed).sample(range(n_rows), int(max_rows)))
 
 
+def validation_sample(cfg: dict, val):
+    """Return the validation rows that are scored (03 and the loss during training alike): eval.rows of them, seeded."""
+    rows = cfg.get("eval", {}).get("rows")
+    idx = eval_sample(len(val), rows, int(cfg.get("data", {}).get("seed", 42)))
+    return val if len(idx) == len(val) else val.select(idx)
+
+
+def loss_note(run, metrics: dict) -> str | None:
+    """Return one sentence relating 03's tuned loss to the trainer's last eval_loss (why they differ), or None."""
+    try:
+        history = json.loads((run.dir / "log_history.json").read_text())
+    except (OSError, ValueError):
+        return None
+    evals = [h for h in history if "eval_loss" in h and "step" in h]
+    if not evals or "tuned" not in metrics:
+        return None
+    last, ours = evals[-1], float(metrics["tuned"]["loss"])
+    steps = [h["step"] for h in history if "step" in h]
+    final = max(steps) if steps else last["step"]
+    gap = abs(float(last["eval_loss"]) - ours) / max(ours, 1e-9)
+    why = ("the trainer averages per-batch means (rows with long answers weigh less), 03 takes one mean over "
+           f"all {metrics.get('tokens', '?')} answer tokens of the same {metrics.get('rows', '?')} rows")
+    if last["step"] != final:
+        why += f", and the trainer's was measured at step {last['step']}, before the final step {final}"
+    agree = "agrees with" if gap < 0.005 else f"differs by {gap:.1%} from"
+    return (f"Validation loss: 03's {ours:.4f} for the final adapter {agree} the trainer's eval_loss "
+            f"{float(last['eval_loss']):.4f} (step {last['step']}) — {why}.")
+
+
 BASELINE_TRAIN_ROWS = 20_000  # a seeded sample this large pins a median or a most frequent answer
 
 
@@ -306,6 +338,7 @@ class _Parts:
         self.folder = folder
         self.reused: list[str] = []
         self.computed: list[str] = []
+        self.seconds: dict[str, float] = {}
 
     def path(self, key: str) -> Path:
         return self.folder / f"{key}.json"
@@ -326,7 +359,9 @@ class _Parts:
             return value
         except (OSError, ValueError, KeyError):
             pass
+        t0 = time.monotonic()
         value = compute()
+        self.seconds[label] = time.monotonic() - t0
         self.folder.mkdir(parents=True, exist_ok=True)
         write_json(self.path(key), {"label": label, "value": value})
         self.computed.append(label)
@@ -395,7 +430,7 @@ def _sample(run, val, max_rows: int | None) -> _Sample:
     max_new = int(ev.get("max_new_tokens", 16))
     if len(val) == 0:
         raise LabError("the validation split is empty — raise data.val_fraction and run 01_data again")
-    rows_idx = eval_sample(len(val), max_rows, seed)
+    rows_idx = eval_sample(len(val), ev.get("rows") if max_rows is None else max_rows, seed)  # = validation_sample
     ds = val.select(rows_idx)
     prompts, refs = map(list, zip(*[prompt_and_reference(m) for m in ds["messages"]], strict=True))
     kind = metric_kind(cfg, refs)
@@ -471,6 +506,9 @@ def _say_reused(run, parts: _Parts, s: _Sample, tuned_hash: str, checkpoints: li
     planned = [("base loss", s.loss_key("base")), ("tuned loss", s.loss_key(tuned_hash))]
     planned += [(f"{p.name} loss", s.loss_key(h)) for _, p, h in checkpoints if h != tuned_hash]
     planned += [("base answers", s.gen_key("base")), ("tuned answers", s.gen_key(tuned_hash))]
+    print(f"Work: {len(planned) - 2} loss passes and 2 generation passes (≤ {s.max_new} new tokens) over "
+          f"{len(s.rows)} rows, plus the best checkpoint's answers if it is not the final adapter — bounded by "
+          "eval.rows, eval.max_new_tokens and eval.checkpoints (all | none)")
     cached = [label for label, key in planned if parts.has(key)]
     if cached:
         print(f"Reusing {len(cached)} of {len(planned)} finished parts from {run.display(parts.folder)}: {', '.join(cached)}")
@@ -506,14 +544,14 @@ def _generations(s: _Sample, preds: dict[str, list[str]]) -> list[str]:
 def evaluate_run(
     run,
     *,
-    max_rows: int | None = 200,
+    max_rows: int | None = None,
     batch_size: int = 16,
     max_batch_tokens: int = 4096,
     metric: Callable[[list[str], list[str]], dict[str, float]] | None = None,
 ) -> dict[str, Any]:
     """Return (and save to eval/) base vs tuned loss, perplexity and task metric, plus every checkpoint's loss.
 
-    max_rows: validation rows evaluated (a seeded sample; None = all). batch_size / max_batch_tokens:
+    max_rows: validation rows evaluated (a seeded sample); None: eval.rows (null there = all). batch_size / max_batch_tokens:
     rows and padded tokens per forward pass (lower them on an out-of-memory error). metric: an
     extra task metric, a function (predictions, references) → {name: value} (names ending in _mae
     or _error are lower-is-better).
@@ -527,6 +565,8 @@ def evaluate_run(
     s = _sample(run, val, max_rows)
     tuned_hash = adapter_hash(run.adapter_dir)
     checkpoints = [(step, p, adapter_hash(p)) for step, p in scan_checkpoints(run.checkpoints_dir)[0]]
+    if run.cfg.get("eval", {}).get("checkpoints", "all") == "none":  # base and final only: one loss pass each
+        checkpoints = [c for c in checkpoints if c[2] == tuned_hash]
     parts = _Parts(run.eval_dir / "cache")
     _say_reused(run, parts, s, tuned_hash, checkpoints)
     models = _Models(run, s, batch_size, max_batch_tokens)
@@ -565,8 +605,12 @@ def evaluate_run(
     )
     run.eval_dir.mkdir(parents=True, exist_ok=True)
     write_text(run.eval_dir / "generations.jsonl", "\n".join(_generations(s, preds)) + "\n")
+    results["seconds"] = {k: round(v, 1) for k, v in parts.seconds.items()}
     _write_json(run.eval_dir / "metrics.json", results)
     print(f"Saved metrics → {run.display(run.eval_dir / 'metrics.json')}")
+    if parts.seconds:
+        spent = ", ".join(f"{k} {v:.0f} s" for k, v in parts.seconds.items())
+        print(f"Evaluation took {sum(parts.seconds.values()):.0f} s ({spent})")
     return results
 
 

@@ -411,11 +411,12 @@ def export_card(run: Any) -> Path:
     """Write export/README.md from the run's config, data report and eval metrics; return its path."""
     report = run.data_report()
     metrics = run.eval_dir / "metrics.json"
+    swept = (run.dir / "sweep").is_dir() and any((run.dir / "sweep").glob("trial-*"))
     card = write_model_card(
         run.export_dir,
         run_name=run.name,
         base_model=run.cfg["model"]["name"],
-        config=run.cfg,
+        config={k: v for k, v in run.cfg.items() if swept or k != "sweep"},  # settings of a sweep that never ran: out
         metrics=json.loads(metrics.read_text()) if metrics.is_file() else None,
         data_report=_report_without_rows(report) if report is not None else None,
     )

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
 import tarfile
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from .choices import CONVERTER_OUTTYPES
@@ -51,18 +52,51 @@ def _tmp_file(final: Path) -> Path:
     return final.parent / f".{final.stem.replace('{', '').replace('}', '')}.partial-{os.getpid()}{final.suffix}"
 
 
-def _stream(cmd: Sequence[str], env: dict[str, str] | None = None, what: str = "command") -> None:
-    """Run `cmd`, echoing its output live (progress bars included); raise a one-line error if it fails."""
+_PER_TENSOR = re.compile(r"^INFO:hf-to-gguf:\S+\.weight,\s")  # one line per tensor: hundreds of them
+_HARMLESS_CONVERTER = [  # llama.cpp converter warnings that change nothing in the file, said in words
+    (re.compile(r"^WARNING:hf-to-gguf:Unknown RoPE type: default$"),
+     "note: transformers 5 names plain RoPE 'default', a name llama.cpp's converter does not list; it writes "
+     "rope scaling 'none', which is the same thing (the next line says so)"),
+    (re.compile(r"^WARNING:gguf\.gguf_writer:Duplicated key name '([^']+)', overwriting it with new value (.+) of type"),
+     "note: the converter set {0} twice (from the tokenizer's config and from its own defaults); the file keeps "
+     "{1}, the tokenizer's own setting"),
+]
+
+
+def converter_line(line: str) -> str | None:
+    """Return how a converter output line is shown: unchanged, a known-harmless warning explained, or None (hidden)."""
+    if _PER_TENSOR.match(line):
+        return None
+    for rx, note in _HARMLESS_CONVERTER:
+        if m := rx.match(line):
+            return note.format(*m.groups())
+    return line
+
+
+def _stream(cmd: Sequence[str], env: dict[str, str] | None = None, what: str = "command",
+            show: Callable[[str], str | None] = lambda line: line) -> None:
+    """Run `cmd`, echoing its output live (progress bars included, each full line through `show`); raise a one-line
+    error if it fails."""
     proc = subprocess.Popen(list(cmd), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
     tail = b""
+    pending = ""
     assert proc.stdout is not None
     while True:
         chunk = proc.stdout.read1(8192) if hasattr(proc.stdout, "read1") else proc.stdout.read(8192)
         if not chunk:
             break
-        sys.stdout.write(chunk.decode("utf-8", errors="replace"))
+        *lines, pending = (pending + chunk.decode("utf-8", errors="replace")).split("\n")
+        for line in lines:
+            shown = show(line)
+            if shown is not None:
+                sys.stdout.write(shown + "\n")
+        if "\r" in pending:  # a progress bar redrawing its line
+            sys.stdout.write(pending)
+            pending = ""
         sys.stdout.flush()
         tail = (tail + chunk)[-4000:]
+    if pending:
+        sys.stdout.write(pending + "\n")
     rc = proc.wait()
     if rc != 0:
         lines = [ln.strip() for ln in tail.decode("utf-8", "replace").replace("\r", "\n").splitlines() if ln.strip()]
@@ -175,17 +209,18 @@ def to_gguf(merged_dir: Path, out_path: Path, outtype: str = "f16") -> Path:
     return _written_by(
         lambda tmp: [sys.executable, str(conv / "convert_hf_to_gguf.py"), str(merged_dir),
                      "--outfile", str(tmp), "--outtype", outtype],
-        out_path, f"convert_hf_to_gguf ({outtype})", env=env,
+        out_path, f"convert_hf_to_gguf ({outtype})", env=env, show=converter_line,
     )
 
 
-def _written_by(command, dst: Path, what: str, env: dict[str, str] | None = None) -> Path:
+def _written_by(command, dst: Path, what: str, env: dict[str, str] | None = None,
+                show: Callable[[str], str | None] = lambda line: line) -> Path:
     """Run command(tmp) (a llama.cpp tool writing tmp), then rename tmp to dst when it is there; return dst."""
     from .export import _human
 
     tmp = _tmp_file(dst)
     try:
-        _stream(command(tmp), env=env, what=what)
+        _stream(command(tmp), env=env, what=what, show=show)
         if not tmp.is_file():
             raise problem(f"{what} wrote nothing", got=f"no {tmp.name}", fix="read its output above")
         tmp.replace(dst)

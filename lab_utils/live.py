@@ -19,7 +19,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-__all__ = ["LiveView", "Status", "live_mode", "status", "format_line", "render_html"]
+__all__ = ["LiveView", "Status", "live_mode", "status", "format_line", "render_html", "expected_time_line"]
 
 MODES = ("notebook", "lines", "off")
 
@@ -98,6 +98,14 @@ def format_line(s: Status) -> str:
     return " · ".join(f"{k} {v}" if k != "step" else f"step {v}" for k, v in _cells(s).items())
 
 
+def expected_time_line(seconds_per_step: float, steps_left: float, accumulation: int = 1) -> str:
+    """Return the one line said once early in training: the measured time per step and the time the rest will take."""
+    end = time.strftime("%H:%M", time.localtime(time.time() + seconds_per_step * steps_left))
+    timed = "steps 3–4 timed" if accumulation == 1 else f"micro-batches 3–4 timed × accumulation {accumulation}"
+    return (f"Expected time: {seconds_per_step:.1f} s per step ({timed}) → about "
+            f"{_duration(seconds_per_step * steps_left)} for the {round(steps_left)} steps left (done near {end})")
+
+
 def _plot_png(history: list[dict], title: str, resumed_at: int = 0) -> bytes | None:
     """Return a small PNG of training and validation loss against step (learning rate on a second axis)."""
     train = [(h["step"], h["loss"]) for h in history if "loss" in h and "step" in h]
@@ -161,10 +169,14 @@ class LiveView(TrainerCallback):
         self.total = self.start_step = 0
         self.t0 = self.last_shown = 0.0
         self.session_from = 0
+        self.tokens_before = 0.0
+        self.timed_from: float | None = None
         self.note = ""
 
     def _status(self, step: int) -> Status:
         tokens = _last(self.history[self.session_from:], "num_tokens")
+        if tokens is not None:  # num_tokens counts the whole run (a resumed run too): this session's share
+            tokens -= self.tokens_before
         return status(self.history, step, self.total, elapsed=self.clock() - self.t0,
                       steps_done=step - self.start_step, tokens=tokens)
 
@@ -183,6 +195,8 @@ class LiveView(TrainerCallback):
         self.total, self.start_step, self.t0 = int(state.max_steps), int(state.global_step), self.clock()
         self.history = [dict(h) for h in state.log_history if "step" in h]  # from the checkpoint when resumed
         self.session_from = len(self.history)
+        self.timed_from, self.micro = 0.0, 0
+        self.tokens_before = _last(self.history, "num_tokens") or 0.0
         earlier = sum("loss" in h for h in self.history)
         self.note = (f"continued from step {self.start_step}: the curve includes {earlier} logged steps from before"
                      if self.start_step else "")
@@ -195,6 +209,26 @@ class LiveView(TrainerCallback):
         first = render_html(self._status(self.start_step), self.history, self.title, self.note, self.start_step)
         self.handle = display(HTML(first), display_id=True)
         self.last_shown = self.clock()
+
+    def _micro_step(self, args, state) -> None:
+        """Time micro-batches 3–4 of this session (the first two carry start-up costs); then say the expected time once."""
+        if not state.is_world_process_zero or self.mode == "off" or self.timed_from is None:
+            return
+        self.micro += 1
+        if self.micro == 2:
+            self.timed_from = self.clock()
+        elif self.micro == 4:
+            accumulation = max(int(getattr(args, "gradient_accumulation_steps", 1) or 1), 1)
+            per_step = (self.clock() - self.timed_from) / 2 * accumulation
+            steps_left = max(self.total - self.start_step - 4 / accumulation, 0.0)
+            print(expected_time_line(per_step, steps_left, accumulation), flush=True)
+            self.timed_from = None
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        self._micro_step(args, state)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._micro_step(args, state)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not state.is_world_process_zero or self.mode == "off" or not logs:

@@ -47,8 +47,11 @@ METRICS = {
     "reference's; regex_found: share of answers where the pattern matches at all",
     "tool_call": "tool_call_match: share of answers that call the reference's functions with its arguments "
     "(names and parsed JSON arguments equal); tool_call_parsed: share of answers that hold a call",
+    "overlap": "token_f1 and rouge_l: word overlap with the reference (free-form answers; read the generations "
+    "side by side too)",
     "auto": "price when every reference holds a $ amount, number when every reference is a bare number, "
-    "tool_call when every reference is a tool call, else exact_match",
+    "tool_call when every reference is a tool call, exact_match when every reference is short (≤ 5 words: "
+    "labels, names), else overlap",
 }
 _NUMBER_RE = re.compile(r"[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)")
 _BARE_NUMBER_RE = re.compile(r"^\s*[-+]?(?:\d[\d,]*(?:\.\d+)?|\.\d+)\s*$")
@@ -147,6 +150,10 @@ def task_metrics(predictions: list[str], references: list[str], kind: str = "pri
     if kind == "number":
         rx = _check_pattern(pattern, kind)
         return _mae(predictions, references, lambda t: parse_number(t, rx.pattern if rx else None), "number")
+    if kind == "overlap":
+        from .overlap import overlap_scores
+
+        return overlap_scores(predictions, references)
     if kind == "exact_match":
         hits = sum(normalize_answer(p) == normalize_answer(r) for p, r in zip(predictions, references, strict=True))
         return {"exact_match": hits / len(references)}
@@ -187,7 +194,9 @@ def metric_kind(cfg: dict, references: list[str]) -> str:
         return "number"
     if references and all(parse_tool_calls(r) for r in references):
         return "tool_call"
-    return "exact_match"
+    from .overlap import closed_answers
+
+    return "exact_match" if closed_answers(references) or not references else "overlap"
 
 
 def lower_is_better(name: str) -> bool:

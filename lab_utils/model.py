@@ -27,6 +27,7 @@ __all__ = [
     "remote_code",
     "loaded_base",
     "unsloth_lora_kwargs",
+    "hub_model_id",
 ]
 
 def model_source(cfg: dict) -> str:
@@ -55,6 +56,13 @@ def _looks_local(name: str) -> bool:
     return name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
 
 
+def hub_model_id(name: str | None) -> str | None:
+    """Return `name` when it is a hub id (owner/name) naming nothing on this machine; None for embedded, paths, files."""
+    if not isinstance(name, str) or is_embedded(name) or _looks_local(name) or Path(name).expanduser().exists():
+        return None
+    return name if _HUB_ID.match(name) else None
+
+
 def check_model_source(
     name: str, *, key: str = "model.name", revision: str | None = None, need: tuple[str, ...] = ("config.json",)
 ) -> None:
@@ -75,8 +83,10 @@ def check_model_source(
                 f"{key} {name!r} is not a folder on this machine{hint} and not a hub id (owner/name) — "
                 "check the path, or use a hub id such as unsloth/Llama-3.2-1B-Instruct"
             )
+        if path.is_file() and path.suffix.lower() == ".gguf":
+            return  # converted once to a model folder (lab_utils.gguf_source)
         if not path.is_dir():
-            raise LabError(f"{key} {name!r} is a file — point it at the folder that holds {need[0]}")
+            raise LabError(f"{key} {name!r} is a file — point it at the folder that holds {need[0]}, or at a .gguf file")
         if not any((path / f).is_file() for f in need):
             raise LabError(
                 f"{key} folder {name!r} has no {' or '.join(need)} — point it at a folder written by "

@@ -148,12 +148,23 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
         attn_implementation=cfg["train"].get("attn_implementation") or chosen.get("attn_implementation"),
         estimate=chosen.get("estimate"),
         reasons=[*chosen.get("reasons", []), *kept],
-        warnings=list(chosen.get("warnings", [])),
+        warnings=[*chosen.get("warnings", []), *_cpu_warning(cfg, hw)],
         hardware=hw,
     )
     for w in plan.warnings:
         print(f"⚠ {w}")
     return plan
+
+
+def _cpu_warning(cfg: dict, hw) -> list[str]:
+    """Return the one plain line for a real model on a CPU: what CPU is for, and how the time will be shown."""
+    from .embedded import is_embedded
+
+    if getattr(hw, "kind", "cpu") != "cpu" or is_embedded(cfg["model"]["name"]):
+        return []
+    return ["training a real model on the CPU: fine for checking a run end to end, slow for real training "
+            "(SmolLM2-135M took 4–12 s per step of 4 short rows on 2 cores; a 1B model is ~10× that) — the expected "
+            "time is printed after the first micro-batches; for real runs use a GPU runtime (Colab: a T4)"]
 
 
 def _keep_first_layout(run, settings: dict, user: dict) -> list[str]:
@@ -262,6 +273,26 @@ def _data_fingerprint(run) -> str | None:
     return (run.data_report() or {}).get("fingerprint")
 
 
+def session_start(history: list[dict], step: int) -> tuple[int, float, float]:
+    """Return (step, sum of per-step training losses up to it, tokens trained up to it) from a run's log history.
+
+    Each logged `loss` is the mean over the steps since the previous log; steps after the last log (a
+    checkpoint between two logs) count at the last logged mean.
+    """
+    total, prev, last, tokens = 0.0, 0, None, 0.0
+    for h in history:
+        if h.get("step", 0) > step:
+            break
+        if "loss" in h:
+            total += float(h["loss"]) * (h["step"] - prev)
+            prev, last = h["step"], float(h["loss"])
+        if "num_tokens" in h:
+            tokens = float(h["num_tokens"])
+    if last is not None and prev < step:
+        total += last * (step - prev)
+    return step, total, tokens
+
+
 def _trainer_class():
     """Return SFTTrainer with length grouping made resumable: each epoch's order depends on (seed, epoch) only."""
     import torch
@@ -283,6 +314,25 @@ def _trainer_class():
             return super().__iter__()
 
     class LabSFTTrainer(SFTTrainer):
+        # After a resume, transformers divides this session's loss sum by all steps (train_loss = mean × share)
+        # and TRL counts num_tokens from zero: both are made the whole run's from the checkpoint's log history.
+        lab_session: tuple[int, float, float] | None = None
+
+        def training_step(self, *args, **kwargs):
+            if self.lab_session is None:  # the first step in this process: the history holds what came before
+                self.lab_session = session_start(self.state.log_history, self.state.global_step)
+                if hasattr(self, "_total_train_tokens"):
+                    self._total_train_tokens += self.lab_session[2]
+            return super().training_step(*args, **kwargs)
+
+        def log(self, logs, start_time=None):
+            if "train_loss" in logs and self.lab_session and self.state.global_step:
+                logs["train_loss"] += self.lab_session[1] / self.state.global_step
+            super().log(logs, start_time)
+
+        def create_model_card(self, *args, **kwargs):
+            return None  # 04_export writes the run's card; TRL's checkpoints/README.md named its base "None"
+
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if type(sampler) is LengthGroupedSampler:
@@ -363,6 +413,7 @@ def build_trainer(run, model, tokenizer, dataset, plan: TrainPlan) -> tuple[Any,
         **kwargs,
     )
     ck = run.cfg.get("checkpoint", {})
+    from .evaluation import validation_sample
     from .model import loaded_base
 
     callback = CheckpointCallback(
@@ -375,7 +426,7 @@ def build_trainer(run, model, tokenizer, dataset, plan: TrainPlan) -> tuple[Any,
         model=model,
         args=args,
         train_dataset=dataset["train"],
-        eval_dataset=dataset["validation"] if has_val else None,
+        eval_dataset=validation_sample(run.cfg, dataset["validation"]) if has_val else None,  # 03's rows too
         processing_class=tokenizer,
         callbacks=[callback],
     )
@@ -556,7 +607,8 @@ def _train_locked(run, trainer, callback: CheckpointCallback, plan: ResumePlan, 
     _write_log_history(run, trainer)
     if callback.stop_reason and dist.is_main():  # the others stopped with it: one line
         raise LabError(callback.stop_reason)
-    loss = getattr(out, "training_loss", None)
+    loss = next((h["train_loss"] for h in reversed(trainer.state.log_history) if "train_loss" in h),
+                getattr(out, "training_loss", None))  # the whole run's, also after a resume (LabSFTTrainer.log)
     return TrainResult(trainer.state.global_step, time.monotonic() - t0, plan.checkpoint.name if plan.checkpoint else None, loss)
 
 

@@ -78,16 +78,19 @@ import lab_utils as lab
 
 # %%
 RUN_NAME = ""  # @param {type:"string"} empty: the run set up in 00_setup; or the name of another run on Drive
-EVAL_ROWS = 200  # @param {type:"integer"} validation rows scored (a fixed, seeded sample): more = steadier numbers, slower
+EVAL_ROWS = 0  # @param {type:"integer"} validation rows scored (a fixed, seeded sample): more = steadier, slower; 0: the run's eval.rows (200)
 CHAT_MAX_NEW_TOKENS = 64  # @param {type:"integer"} longest chat reply in tokens
 
-run = lab.start(RUN_NAME, create=False)
+run = lab.start(RUN_NAME, form={"eval.rows": EVAL_ROWS} if EVAL_ROWS else None, create=False)
 print(f"Task metric: eval.metric = {run.cfg['eval']['metric']!r}; answers up to {run.cfg['eval']['max_new_tokens']} tokens")
 
 # %% [markdown]
 # ## Evaluate
 # The base model is the same 4-bit model with its adapter switched off, so both see exactly the same
-# tokens. Each kept checkpoint's adapter is loaded onto that same base to find the best one.
+# tokens. Each kept checkpoint's adapter is loaded onto that same base to find the best one
+# (`eval.checkpoints: none` skips them). The task metric fits the answers: a price or number error,
+# tool calls, exact match for short closed answers (labels, names), and for free-form text the word
+# overlap with the reference (token F1, ROUGE-L) — read the answers side by side below as well.
 #
 # Beating the base is not enough: a model can learn the answer's format and nothing else. So the
 # task metric is also scored for a **constant guess** — always giving the training split's median
@@ -96,11 +99,12 @@ print(f"Task metric: eval.metric = {run.cfg['eval']['metric']!r}; answers up to 
 # (two standard errors), otherwise "no better than always answering …".
 
 # %%
-metrics = lab.evaluate_run(run, max_rows=EVAL_ROWS)
+metrics = lab.evaluate_run(run)
 
 # %%
 lab.show_table(lab.metrics_table(metrics), title=f"Validation, {metrics['rows']} rows: constant guess, base, tuned")
 print(lab.verdict(metrics))
+print(lab.loss_note(run, metrics) or "")
 
 # %%
 lab.show_image(lab.plot_task_metric(run, metrics))

@@ -520,3 +520,23 @@ def test_a_tokenizer_without_chat_template_gets_the_default_and_says_so(tmp_path
     assert "no chat template: using the lab's default ChatML template" in capsys.readouterr().out
     row = next(r for s in ds.values() for r in s if r["messages"][-1]["content"] == "It is 1.")
     assert masked_text(row, tok) == "It is 1." + tok.eos_token
+
+
+def test_too_many_unknown_roles_stop_naming_each_role_to_map(tokenizer, tmp_path, lab_root):
+    rows = [chat(i) for i in range(4)]
+    rows += [{"messages": [{"role": role, "content": f"q{i}"}, {"role": "assistant", "content": "a"}]}
+             for i, role in enumerate(["narrator", "narrator", "critic", "narrator", "critic", "bot2"])]
+    run = make_run(lab_root, write_jsonl(tmp_path / "d.jsonl", rows))
+    with pytest.raises(LabError) as err:
+        prepare(run, tokenizer)
+    message = str(err.value)
+    assert "(unknown_role (6))" in message
+    assert "map the role names 'narrator', 'critic', 'bot2' with data.role_map, e.g. data.role_map: " \
+           "{'narrator': assistant}" in message
+
+
+def test_a_tiny_validation_split_is_warned_about(tokenizer, tmp_path, lab_root, capsys):
+    run = make_run(lab_root, write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(30)]), val_fraction=0.02)
+    ds = prepare(run, tokenizer)
+    assert len(ds["validation"]) == 1
+    assert "⚠ only 1 validation row(s): validation loss and 03's scores will swing" in capsys.readouterr().out

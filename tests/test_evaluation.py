@@ -407,3 +407,32 @@ def test_chat_widget_on_a_run_prints_one_line_in_a_script_and_returns(trained, m
     assert isinstance(ui, ChatUI)
     assert out[-1].startswith("Chat widget ready") and "interactive in Colab" in out[-1]
     assert ui.system and "pricing" in ui.system.lower()  # the training rows' system prompt
+
+
+@pytest.mark.slow
+def test_eval_knobs_from_the_config_bound_the_work_and_the_cost_is_printed(trained, tmp_path, monkeypatch, capsys):
+    """eval.checkpoints: none skips the checkpoints' loss passes; eval.rows picks the rows; each part's seconds printed."""
+    import shutil
+
+    import yaml
+
+    from lab_utils.evaluation import evaluate_run
+
+    env, run_dir, out03 = trained
+    assert "Evaluation took " in out03 and "Work: " in out03  # the 03 script said what it would do and what it cost
+    first = json.loads((run_dir / "eval" / "metrics.json").read_text())
+    assert set(first["seconds"]) >= {"base loss", "tuned loss", "base answers", "tuned answers"}
+    copy_dir = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy_dir)
+    cfg = yaml.safe_load((copy_dir / "config.yaml").read_text())
+    cfg["eval"].update(checkpoints="none", rows=5)
+    (copy_dir / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.delenv("LAB_CONFIG", raising=False)
+    env = {**{k: v for k, v in env.items() if k != "LAB_CONFIG"}, "LAB_ROOT": str(tmp_path / "runs"),
+           "LAB_RUN_NAME": run_dir.name}
+    run = _start(env, monkeypatch)
+    m = evaluate_run(run)
+    out = capsys.readouterr().out
+    assert m["rows"] == 5 and "Work: 2 loss passes and 2 generation passes" in out
+    assert [c["name"] for c in m["checkpoints"]] == [c["name"] for c in first["checkpoints"]][-1:]  # the final only
+    assert "checkpoint-20 loss" not in m["seconds"] and "Evaluation took " in out

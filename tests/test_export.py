@@ -465,3 +465,47 @@ def test_model_card_has_the_baseline_score_but_not_its_training_answer(tmp_path:
                                    data_report=None).read_text()
     assert "`baseline.price_mae` | 190.8" in text and "`tuned.price_mae` | 9" in text
     assert "private row" not in text and "baseline.answer" not in text
+
+
+@pytest.mark.parametrize("base", ["/tmp/models/SmolLM2-135M-Instruct.Q4_1.gguf", "embedded:tiny-llama", "./models/mine"])
+def test_model_card_of_a_local_base_has_no_path_no_hub_link_and_says_local(tmp_path: Path, base: str) -> None:
+    import yaml
+
+    out = tmp_path / "run" / "export"
+    config = {"model": {"name": base, "max_length": 128}, "data": {"path": "/content/drive/MyDrive/rows.jsonl"},
+              "train": {"learning_rate": 2e-4}}
+    report = {"source": "/content/drive/MyDrive/rows.jsonl", "rows_kept": 10}
+    text = export.write_model_card(out, run_name="r", base_model=base, config=config, metrics=None,
+                                   data_report=report).read_text()
+    front = yaml.safe_load(text.split("---\n")[1])
+    assert "base_model" not in front
+    assert base not in text and "/content/drive" not in text and "huggingface.co//" not in text
+    assert "trained from a local model" in text
+    assert "`model.name` | a local model" in text and "`data.path` | (a local path)" in text
+
+
+def test_model_card_lists_sweep_settings_only_when_a_sweep_ran(tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    run_dir = tmp_path / "run"
+    (run_dir / "export").mkdir(parents=True)
+    cfg = {"model": {"name": "org/base"}, "train": {"learning_rate": 2e-4}, "sweep": {"space": {"lora.r": [8, 32]}}}
+    run = SimpleNamespace(dir=run_dir, name="run", cfg=cfg, data_dir=run_dir / "data", eval_dir=run_dir / "eval",
+                          export_dir=run_dir / "export", display=str, data_report=lambda: None)
+    assert "sweep." not in export.export_card(run).read_text()
+    (run_dir / "sweep" / "trial-000-lr2e-4").mkdir(parents=True)
+    assert "`sweep.space.lora.r` | 8, 32" in export.export_card(run).read_text()
+
+
+def test_converter_warnings_that_change_nothing_are_explained_and_per_tensor_lines_hidden() -> None:
+    from lab_utils.gguf import converter_line
+
+    assert converter_line("INFO:hf-to-gguf:blk.9.attn_v.weight,        torch.float16 --> F16, shape = {576, 192}") is None
+    rope = converter_line("WARNING:hf-to-gguf:Unknown RoPE type: default")
+    assert rope.startswith("note: transformers 5 names plain RoPE 'default'") and "'none'" in rope
+    dup = converter_line("WARNING:gguf.gguf_writer:Duplicated key name 'tokenizer.ggml.add_bos_token', "
+                         "overwriting it with new value False of type BOOL")
+    assert dup.startswith("note: the converter set tokenizer.ggml.add_bos_token twice") and "keeps False" in dup
+    # anything else is shown as it is, an unknown RoPE type included
+    for line in ("WARNING:hf-to-gguf:Unknown RoPE type: mystery", "INFO:hf-to-gguf:Set model tokenizer"):
+        assert converter_line(line) == line

@@ -49,8 +49,10 @@ def test_only_files_py_writes_a_file_then_renames_it():
     from pathlib import Path
 
     package = Path(__file__).resolve().parents[1] / "lab_utils"
-    # adapter/, dataset/, set-aside/ and the embedded model's folders; the GGUF files llama.cpp's tools wrote
-    folder_swaps = {"training.py": 3, "data.py": 1, "checkpoints.py": 1, "embedded.py": 1, "gguf.py": 1}
+    # adapter/, dataset/, set-aside/ and the embedded model's folders, a .gguf's converted model folder; the GGUF
+    # files llama.cpp's tools wrote
+    folder_swaps = {"training.py": 3, "data.py": 1, "checkpoints.py": 1, "embedded.py": 1, "gguf.py": 1,
+                    "gguf_source.py": 1}
     found = {p.name: len(re.findall(r"os\.replace\(|\btmp\.replace\(", p.read_text())) for p in package.glob("*.py")}
     assert {k: v for k, v in found.items() if v and k != "files.py"} == folder_swaps
 

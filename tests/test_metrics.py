@@ -17,7 +17,8 @@ _CALL2 = json.dumps({"name": "get_time", "arguments": {"tz": "UTC"}})
     (["Price is $120", "Price is $80"], "price", "price_mae"),  # amounts
     (["42", "7.5", "-3"], "number", "number_mae"),  # bare numbers
     (["yes", "no", "yes"], "exact_match", "exact_match"),  # labels
-    (["The capital of France is Paris.", "Blue, mostly"], "exact_match", "exact_match"),  # free text
+    (["Paris", "Blue, mostly"], "exact_match", "exact_match"),  # short strings
+    (["The capital of France is Paris.", "Blue, mostly"], "overlap", "rouge_l"),  # free text: word overlap (#18)
     ([_CALL, _CALL2], "tool_call", "tool_call_match"),  # tool calls
 ])
 def test_evaluate_and_sweep_pick_the_same_metric_and_direction_for_the_same_data(refs, kind, key):

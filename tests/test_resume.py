@@ -74,14 +74,22 @@ def straight(tmp_path_factory):
     return _adapter(run.dir), root
 
 
-def test_stop_at_step_20_and_resume_gives_a_bit_identical_adapter(straight, lab_root, capsys):
-    reference, _ = straight
+def _final(run_dir: Path, key: str) -> float:
+    return [h[key] for h in json.loads((run_dir / "log_history.json").read_text()) if key in h][-1]
+
+
+def test_stop_at_step_20_and_resume_gives_a_bit_identical_adapter_and_the_whole_runs_numbers(straight, lab_root, capsys):
+    reference, root = straight
     run, _ = _train("resumed", stop_at=20)
     assert sorted(p.name for p in run.checkpoints_dir.iterdir() if p.is_dir())[-1] == "checkpoint-20"
     run, plan = _train("resumed")
     assert plan.checkpoint.name == "checkpoint-20"
     assert "Resuming from checkpoint-20 (step 20 of 30" in capsys.readouterr().out
     assert _max_diff(_adapter(run.dir), reference) == 0.0
+    # transformers would report the last 10 steps' mean × 10/30 and TRL would count tokens from step 20
+    assert _final(run.dir, "train_loss") == pytest.approx(_final(root / "ref", "train_loss"), rel=1e-4)
+    assert _final(run.dir, "num_tokens") == _final(root / "ref", "num_tokens")
+    assert not (run.checkpoints_dir / "README.md").exists()  # TRL's card ("fine-tuned version of None") is left out
 
 
 def test_resume_skips_checkpoint_cut_off_mid_save(straight, lab_root, capsys):

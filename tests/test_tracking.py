@@ -308,3 +308,40 @@ def test_killed_and_resumed_run_tracks_every_step_exactly_once(tmp_path):
     hist = json.loads((run_dir / "log_history.json").read_text())
     assert [(h["step"], h["loss"]) for h in tracking.history(run) if "loss" in h] == \
         [(h["step"], h["loss"]) for h in hist if "loss" in h]
+
+
+def test_one_expected_time_line_from_steps_two_and_three_and_tokens_per_second_of_this_session(args, capsys):
+    from transformers import TrainerControl
+
+    clock = Clock()
+    view = LiveView(title="r", mode="lines", clock=clock)
+    state, control = _resumed_state(), TrainerControl()  # resumed at step 4 of 10
+    state.log_history[-2]["num_tokens"] = 4000.0  # the whole run's count at the checkpoint
+    view.on_train_begin(args, state, control)
+    capsys.readouterr()
+    for step, seconds in ((5, 30.0), (6, 9.0), (7, 4.0), (8, 4.0), (9, 4.0)):  # the first steps are slow (start-up)
+        clock.now += seconds
+        state.global_step = step
+        view.on_step_end(args, state, control)
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Expected time: 4.0 s per step (steps 3–4 timed) → about 0:08 "
+                                                   "for the 2 steps left")
+    view.on_log(args, state, control, logs={"loss": 1.0, "num_tokens": 4000.0 + 5100.0})
+    assert "tokens/s 100 ·" in capsys.readouterr().out  # 5,100 tokens in this session's 51 s, not the run's 9,100
+
+
+def test_with_gradient_accumulation_the_expected_time_comes_from_micro_batches(tmp_path, capsys):
+    from transformers import TrainerControl, TrainingArguments
+
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", gradient_accumulation_steps=4)
+    clock = Clock()
+    view = LiveView(title="r", mode="lines", clock=clock)
+    state, control = _resumed_state(), TrainerControl()  # resumed at step 4 of 10
+    view.on_train_begin(args, state, control)
+    capsys.readouterr()
+    for seconds in (30.0, 9.0, 5.0, 5.0):  # the micro-batches of step 5: said before the step itself is over
+        clock.now += seconds
+        view.on_substep_end(args, state, control)
+    # 5 s per micro-batch × 4 = 20 s per step; 6 steps less the one step done = 5 steps → 100 s
+    assert capsys.readouterr().out.startswith("Expected time: 20.0 s per step (micro-batches 3–4 timed × "
+                                              "accumulation 4) → about 1:40 for the 5 steps left")
