@@ -420,8 +420,12 @@ def test_eval_knobs_from_the_config_bound_the_work_and_the_cost_is_printed(train
 
     env, run_dir, out03 = trained
     assert "Evaluation took " in out03 and "Work: " in out03  # the 03 script said what it would do and what it cost
-    first = json.loads((run_dir / "eval" / "metrics.json").read_text())
-    assert set(first["seconds"]) >= {"base loss", "tuned loss", "base answers", "tuned answers"}
+    # 03's own line (the fixture's first evaluation, nothing cached yet): later tests in this session re-run
+    # evaluate_run on the same run and rewrite metrics.json with only the parts they did not find cached
+    took = next(line for line in out03.splitlines() if line.startswith("Evaluation took "))
+    assert all(part in took for part in ("base loss", "tuned loss", "base answers", "tuned answers")), took
+    names = [p.name for p in (run_dir / "checkpoints").glob("checkpoint-*") if p.name.split("-")[1].isdigit()]
+    final = max(names, key=lambda n: int(n.split("-")[1]))
     copy_dir = tmp_path / "runs" / run_dir.name
     shutil.copytree(run_dir, copy_dir)
     cfg = yaml.safe_load((copy_dir / "config.yaml").read_text())
@@ -434,5 +438,5 @@ def test_eval_knobs_from_the_config_bound_the_work_and_the_cost_is_printed(train
     m = evaluate_run(run)
     out = capsys.readouterr().out
     assert m["rows"] == 5 and "Work: 2 loss passes and 2 generation passes" in out
-    assert [c["name"] for c in m["checkpoints"]] == [c["name"] for c in first["checkpoints"]][-1:]  # the final only
+    assert [c["name"] for c in m["checkpoints"]] == [final]  # the final only
     assert "checkpoint-20 loss" not in m["seconds"] and "Evaluation took " in out
