@@ -293,6 +293,28 @@ def session_start(history: list[dict], step: int) -> tuple[int, float, float]:
     return step, total, tokens
 
 
+def set_sampler_epoch(dataloader, epoch: int) -> int:
+    """Set `epoch` on every sampler below `dataloader`; return how many were set.
+
+    Under several processes accelerate wraps the sampler as BatchSamplerShard(BatchSampler(sampler)), and
+    after a mid-epoch resume skip_first_batches adds a SkipBatchSampler on top: neither accelerate's nor
+    transformers' set_epoch reaches three levels down, so the resumed epoch replayed epoch 0's order.
+    """
+    from torch.utils.data import BatchSampler, Sampler
+
+    done, seen, todo = 0, set(), [dataloader]
+    while todo:
+        obj = todo.pop()
+        if obj is None or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, Sampler | BatchSampler) and callable(getattr(obj, "set_epoch", None)):
+            obj.set_epoch(int(epoch))
+            done += 1
+        todo += [getattr(obj, name, None) for name in ("batch_sampler", "sampler", "base_dataloader")]
+    return done
+
+
 def _trainer_class():
     """Return SFTTrainer with length grouping made resumable: each epoch's order depends on (seed, epoch) only."""
     import torch
@@ -329,6 +351,10 @@ def _trainer_class():
             if "train_loss" in logs and self.lab_session and self.state.global_step:
                 logs["train_loss"] += self.lab_session[1] / self.state.global_step
             super().log(logs, start_time)
+
+        def _run_epoch(self, *args, **kwargs):
+            set_sampler_epoch(kwargs["train_dataloader"], kwargs["epoch"])  # before the resumed epoch's skip
+            return super()._run_epoch(*args, **kwargs)
 
         def create_model_card(self, *args, **kwargs):
             return None  # 04_export writes the run's card; TRL's checkpoints/README.md named its base "None"
