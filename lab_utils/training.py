@@ -132,6 +132,7 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
         lora_r=int(cfg["lora"].get("r", 32)),
         length_stats=stats,
         user=user,
+        fsdp=dist.fsdp_enabled(),
         **{k: v for k, v in shape.items() if v},
     )
     sft = dict(cfg["train"])
@@ -140,9 +141,6 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
             sft[k] = chosen[k]
     kept = _keep_first_layout(run, sft, user)
     kept += _keep_effective_batch(run, sft, user)
-    if dist.fsdp_enabled() and "optim" not in user:
-        sft["optim"] = "adamw_torch"  # peft: FSDP-QLoRA cannot checkpoint a paged/8-bit optimizer
-        kept.append("optim=adamw_torch: FSDP shards the optimizer state instead of paging it")
     plan = TrainPlan(
         sft=sft,
         attn_implementation=cfg["train"].get("attn_implementation") or chosen.get("attn_implementation"),

@@ -41,3 +41,19 @@ def test_with_sft_changes_a_copy_and_leaves_the_plan_as_it_was(run):
     assert smaller.sft["per_device_train_batch_size"] == 1
     assert plan.sft["per_device_train_batch_size"] == 2
     assert smaller.attn_implementation == plan.attn_implementation and smaller.estimate == plan.estimate
+
+
+def test_under_fsdp_the_plan_and_its_memory_table_name_the_same_optimizer(run, monkeypatch):
+    """FSDP-QLoRA cannot checkpoint a paged 8-bit optimizer: the chooser picks adamw_torch, and the estimate counts it."""
+    from lab_utils.hardware import hardware_from_name
+    from lab_utils.training import memory_table, train_settings
+
+    paged = train_settings(run, hardware=hardware_from_name("A100-40GB"))
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    plan = train_settings(run, hardware=hardware_from_name("A100-40GB"))
+    assert (paged.sft["optim"], plan.sft["optim"]) == ("paged_adamw_8bit", "adamw_torch")
+    rows = {r["part"]: r["what"] for r in memory_table(plan)}
+    assert rows["optimizer"] == "adamw_torch: 8 B/param", rows
+    assert {r["part"]: r["what"] for r in memory_table(paged)}["optimizer"] == "paged_adamw_8bit: 2 B/param"
+    assert plan.estimate["optimizer_gib"] > paged.estimate["optimizer_gib"]  # 8 bytes a parameter, not 2
+    assert "optim: adamw_torch (FSDP shards the optimizer state instead of paging it)" in plan.reasons
