@@ -315,6 +315,7 @@ def choose(
     lora_dropout: float = 0.0,
     attn_implementation: str | None = None,
     fsdp: bool = False,
+    shape: dict | None = None,
 ) -> dict:
     """Return the chosen train settings (SFTConfig field names) with estimate, reasons and warnings.
 
@@ -331,6 +332,7 @@ def choose(
     row) replaces max_length with the real longest row. `attn_implementation` is what the model will
     be loaded with, if already decided; a non-flash one rules out packing. `fsdp`: launched with an
     FSDP config, where the optimizer state is sharded, not paged (the estimate then counts its bytes).
+    `shape`: the model's real widths (memory.ModelShape as a dict, from its config.json), where known.
     """
     _check_choose_inputs(model_params, max_length, lora_r, target_effective_batch, length_stats)
     c = _Choice(hardware, max_length, length_stats, fsdp=fsdp)
@@ -348,6 +350,7 @@ def choose(
         hidden_size=hidden_size,
         num_layers=num_layers,
         vocab_size=vocab_size,
+        shape=shape,
         lora_r=lora_r,
         load_in_4bit=load_in_4bit,
         loss_type=loss_type,

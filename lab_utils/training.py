@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,9 @@ EXPLAIN = {
 }
 
 def _model_params(cfg: dict) -> tuple[float, dict]:
-    """Return (parameter count, shape) from the model's config.json without loading weights."""
+    """Return (parameter count, {"shape": its ModelShape as a dict}) from the model's config.json, without weights.
+
+    ({1.24e9, {}}: a Llama-3.2-1B-sized guess, when the config cannot be read.)"""
     from transformers import AutoConfig
 
     from .memory import shape_from_config
@@ -90,8 +92,7 @@ def _model_params(cfg: dict) -> tuple[float, dict]:
         shape = shape_from_config(mc)
     except Exception:
         return 1.24e9, {}
-    return float(shape.params()), {"hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
-                                   "vocab_size": shape.vocab_size}
+    return float(shape.params()), {"shape": asdict(shape)}
 
 
 @dataclass
