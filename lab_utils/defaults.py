@@ -244,6 +244,7 @@ class _Choice:
     hardware: Hardware
     max_length: int
     length_stats: dict | None
+    fsdp: bool = False
     settings: dict[str, Any] = field(default_factory=dict)
     reasons: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -313,6 +314,8 @@ def choose(
     load_in_4bit: bool = True,
     lora_dropout: float = 0.0,
     attn_implementation: str | None = None,
+    fsdp: bool = False,
+    shape: dict | None = None,
 ) -> dict:
     """Return the chosen train settings (SFTConfig field names) with estimate, reasons and warnings.
 
@@ -327,10 +330,12 @@ def choose(
     changes the plan; by default the plan assumes full logits ("nll"), an upper bound that also
     holds for TRL 1.14's default "chunked_nll". `length_stats` ({"p50", "p95", "max"}: tokens per
     row) replaces max_length with the real longest row. `attn_implementation` is what the model will
-    be loaded with, if already decided; a non-flash one rules out packing.
+    be loaded with, if already decided; a non-flash one rules out packing. `fsdp`: launched with an
+    FSDP config, where the optimizer state is sharded, not paged (the estimate then counts its bytes).
+    `shape`: the model's real widths (memory.ModelShape as a dict, from its config.json), where known.
     """
     _check_choose_inputs(model_params, max_length, lora_r, target_effective_batch, length_stats)
-    c = _Choice(hardware, max_length, length_stats)
+    c = _Choice(hardware, max_length, length_stats, fsdp=fsdp)
     user = _renamed_user_keys(c, dict(user or {}))
     c.reasons.append(
         f"hardware: {hardware.name}, {hardware.memory_gib:.1f} GiB, {c.cap_text} "
@@ -345,6 +350,7 @@ def choose(
         hidden_size=hidden_size,
         num_layers=num_layers,
         vocab_size=vocab_size,
+        shape=shape,
         lora_r=lora_r,
         load_in_4bit=load_in_4bit,
         loss_type=loss_type,
@@ -405,15 +411,12 @@ def _precision(c: _Choice) -> None:
         c.reasons.append(f"bf16: True ({hw.name}, {c.cap_text} has bf16) -> bf16, no loss scaling")
     else:
         c.reasons.append(f"bf16: False ({hw.name}, {c.cap_text} has no bf16) -> fp16")
-    c.settings["optim"] = "paged_adamw_8bit" if cuda else "adamw_torch"
-    c.reasons.append(
-        f"optim: {c.settings['optim']} "
-        + (
-            "(8-bit Adam states, paged to CPU RAM during spikes)"
-            if cuda
-            else "(bitsandbytes' paged 8-bit optimizers need CUDA)"
-        )
-    )
+    c.settings["optim"] = "paged_adamw_8bit" if cuda and not c.fsdp else "adamw_torch"
+    if c.fsdp:  # peft: FSDP-QLoRA cannot checkpoint a paged/8-bit optimizer
+        why = "(FSDP shards the optimizer state instead of paging it)"
+    else:
+        why = "(8-bit Adam states, paged to CPU RAM during spikes)" if cuda else "(bitsandbytes' paged 8-bit optimizers need CUDA)"
+    c.reasons.append(f"optim: {c.settings['optim']} {why}")
 
 
 def _padding(c: _Choice, attn_implementation: str | None) -> str:

@@ -263,8 +263,12 @@ def estimate_memory(
     lora_dropout: float = 0.0,
     dtype_bytes: int = 2,
     device_kind: str = "cuda",
+    shape: dict | None = None,
 ) -> MemoryEstimate:
     """Return the estimated peak memory of one QLoRA training step.
+
+    `shape` (a ModelShape as a dict, from the model's config.json) gives the real widths; without it
+    model_shape() fills what hidden_size, num_layers and vocab_size leave open by the Llama rule.
 
     * weights: linear layers at 0.516 bytes/param in 4-bit nf4 (dtype_bytes otherwise); embeddings and
       lm_head stay 16-bit (bitsandbytes skips them), once if tied.
@@ -287,7 +291,10 @@ def estimate_memory(
     _check_positive(model_params=model_params, lora_r=lora_r, max_length=max_length, micro_batch=micro_batch)
     if loss_type not in ("nll", "dft", "chunked_nll"):
         raise problem("loss_type not understood", got=repr(loss_type), fix="one of 'nll', 'dft', 'chunked_nll'")
-    shape = model_shape(model_params, hidden_size, num_layers, vocab_size)
+    if shape is not None:
+        shape = ModelShape(**{**shape, "derived": tuple(shape.get("derived", ()))})
+    else:
+        shape = model_shape(model_params, hidden_size, num_layers, vocab_size)
     tokens = int(tokens_per_batch) if tokens_per_batch else micro_batch * max_length
 
     embed_params = shape.vocab_size * shape.hidden_size * (1 if shape.tied_embeddings else 2)

@@ -12,7 +12,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +79,9 @@ EXPLAIN = {
 }
 
 def _model_params(cfg: dict) -> tuple[float, dict]:
-    """Return (parameter count, shape) from the model's config.json without loading weights."""
+    """Return (parameter count, {"shape": its ModelShape as a dict}) from the model's config.json, without weights.
+
+    ({1.24e9, {}}: a Llama-3.2-1B-sized guess, when the config cannot be read.)"""
     from transformers import AutoConfig
 
     from .memory import shape_from_config
@@ -90,8 +92,7 @@ def _model_params(cfg: dict) -> tuple[float, dict]:
         shape = shape_from_config(mc)
     except Exception:
         return 1.24e9, {}
-    return float(shape.params()), {"hidden_size": shape.hidden_size, "num_layers": shape.num_layers,
-                                   "vocab_size": shape.vocab_size}
+    return float(shape.params()), {"shape": asdict(shape)}
 
 
 @dataclass
@@ -132,6 +133,7 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
         lora_r=int(cfg["lora"].get("r", 32)),
         length_stats=stats,
         user=user,
+        fsdp=dist.fsdp_enabled(),
         **{k: v for k, v in shape.items() if v},
     )
     sft = dict(cfg["train"])
@@ -140,9 +142,6 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
             sft[k] = chosen[k]
     kept = _keep_first_layout(run, sft, user)
     kept += _keep_effective_batch(run, sft, user)
-    if dist.fsdp_enabled() and "optim" not in user:
-        sft["optim"] = "adamw_torch"  # peft: FSDP-QLoRA cannot checkpoint a paged/8-bit optimizer
-        kept.append("optim=adamw_torch: FSDP shards the optimizer state instead of paging it")
     plan = TrainPlan(
         sft=sft,
         attn_implementation=cfg["train"].get("attn_implementation") or chosen.get("attn_implementation"),
