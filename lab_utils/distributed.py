@@ -220,7 +220,10 @@ def install_handler() -> None:
         if _peer_failed(exc):
             errors._run_cleanups()
             os._exit(1)
-        if not is_main() and not issubclass(exc_type, KeyboardInterrupt):
+        if not is_main() and issubclass(exc_type, KeyboardInterrupt):  # Ctrl-C reaches every process: one line
+            errors._run_cleanups()
+            os._exit(130)
+        if not is_main():
             time.sleep(REPLICA_GRACE_S)
             print(f"(process {rank()} of {world_size()})", file=sys.stderr)
         previous(exc_type, exc, tb)

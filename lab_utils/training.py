@@ -598,7 +598,7 @@ def _train_locked(run, trainer, callback: CheckpointCallback, plan: ResumePlan, 
         except KeyboardInterrupt:
             ckpt = _save_now(trainer, callback)
             where = f"saved {ckpt.name} → {run.display(ckpt)}" if ckpt else "nothing to save yet"
-            print(f"Stopped at step {trainer.state.global_step}: {where}. Run 02_train again to continue.")
+            print(f"Stopped at step {trainer.state.global_step}: {where}. Run 02_train (or the same command) again to continue.")
             _write_log_history(run, trainer)
             raise
         except Exception as e:  # only CUDA out-of-memory is handled; everything else propagates

@@ -341,3 +341,22 @@ def test_a_failure_in_one_process_ends_every_process_with_one_line(reference, tm
     assert "[rank" not in out  # no process printed a traceback (torch prefixes theirs with [rankN])
     assert out.count("Traceback (most recent call last)") <= 1 and "ChildFailedError" in out  # the launcher's summary
     assert json.loads(lock.read_text())["token"] == "other"  # the other trainer's lock is untouched
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_every_process_with_one_line_and_the_run_continues_from_its_checkpoint(tmp_path):
+    """Ctrl-C in a terminal reaches the launcher and every worker (one process group): one ✗ line, not one each."""
+    root = tmp_path / "runs"
+    proc = _launch(root, {**CONFIG, "train": {**CONFIG["train"], "max_steps": 40}}, 2, tmp_path,
+                   start_new_session=True)
+    ckpt = root / CONFIG["run_name"] / "checkpoints" / "checkpoint-2" / "lab_manifest.json"
+    deadline = time.monotonic() + 300
+    while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGINT)
+    out = _finish(proc, 120)
+    assert proc.returncode != 0
+    assert [line for line in out.splitlines() if line.startswith("✗")] == ["✗ Stopped by the user."], out[-3000:]
+    assert out.count("Stopped at step ") == 1 and "[rank" not in out
+    stopped = int(out.split("Stopped at step ")[1].split(":")[0])
+    assert (root / CONFIG["run_name"] / "checkpoints" / f"checkpoint-{stopped}" / "lab_manifest.json").exists()
