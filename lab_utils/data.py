@@ -1090,7 +1090,38 @@ def load_prepared(run, tokenizer=None):
         raise LabError(
             f"the processed data in {run.display(path)} is damaged ({_first_line(e)}) — run 01_data again to make it anew"
         ) from None
+    if dropped := _drop_damaged_map_caches(path):
+        print(f"Removed {len(dropped)} damaged cache file(s) beside the processed data ({', '.join(dropped)}): "
+              "derived from it, they are made again now")
     return data
+
+
+_ARROW_END = b"\xff\xff\xff\xff\x00\x00\x00\x00"  # the end-of-stream marker every finished arrow stream file ends with
+
+
+def _drop_damaged_map_caches(path: Path) -> list[str]:
+    """Delete the cache-*.arrow files (TRL's map output, saved beside the data) that are cut off or unreadable.
+
+    datasets reopens them by fingerprint without a check, so one cut short by a disconnect or a Drive sync
+    ended the next training session with an ArrowInvalid. Only the end and the schema are read: cheap on Drive.
+    """
+    import pyarrow as pa
+
+    dropped = []
+    for cache in sorted(path.glob("*/cache-*.arrow")):
+        try:
+            with open(cache, "rb") as f:
+                f.seek(-len(_ARROW_END), os.SEEK_END)
+                intact = f.read() == _ARROW_END
+            if intact:
+                with pa.memory_map(str(cache)) as src:
+                    pa.ipc.open_stream(src).schema  # noqa: B018 (reading the schema is the check)
+        except (OSError, pa.ArrowException):
+            intact = False
+        if not intact:
+            cache.unlink(missing_ok=True)
+            dropped.append(f"{cache.parent.name}/{cache.name}")
+    return dropped
 
 
 # ------------------------------------------------------------------------------------------- display

@@ -489,6 +489,32 @@ def test_rerun_reuses_the_processed_data_and_any_change_processes_again(
         load_prepared(make_run(lab_root, path), tokenizer)
 
 
+def _with_length(row: dict) -> dict:
+    return {"n": len(row["input_ids"])}
+
+
+def test_a_cut_off_map_cache_beside_the_data_is_removed_and_made_again(tokenizer, tmp_path, lab_root, capsys):
+    """TRL maps the saved data into cache-*.arrow beside it; one cut short (disconnect, Drive sync) ended training."""
+    import datasets
+
+    run = make_run(lab_root, write_jsonl(tmp_path / "d.jsonl", [chat(i) for i in range(40)]))
+    prepare(run, tokenizer)
+    want = list(load_prepared(run, tokenizer)["train"].map(_with_length)["n"])
+    caches = sorted((run.data_dir / "dataset" / "train").glob("cache-*.arrow"))
+    assert len(caches) == 1
+    cut = caches[0].read_bytes()[: caches[0].stat().st_size // 2]
+    caches[0].unlink()  # a new file, as a sync writes it (the old one may still be memory-mapped)
+    caches[0].write_bytes(cut)
+    with pytest.raises(Exception, match="Expected to"):  # what datasets alone does with it
+        datasets.load_from_disk(str(run.data_dir / "dataset"))["train"].map(_with_length)
+    capsys.readouterr()
+    again = list(load_prepared(run, tokenizer)["train"].map(_with_length)["n"])
+    assert again == want
+    assert "Removed 1 damaged cache file(s) beside the processed data (train/cache-" in capsys.readouterr().out
+    load_prepared(run, tokenizer)  # the remade cache is intact: nothing more to remove
+    assert "Removed" not in capsys.readouterr().out
+
+
 # -------------------------------------------------------------------------------------------- tokenizer
 
 
