@@ -166,6 +166,36 @@ def _read(folder: Path, name: str) -> list[tuple[int, int, dict]]:
         if "no such table" in str(e):
             return []
         raise
+    except sqlite3.DatabaseError as e:  # cut off or overwritten (a disconnect mid-write, a Drive sync)
+        raise LabError(f"the tracking database {db} is damaged ({e}) — run 02_train again: it sets the file "
+                       "aside and starts a new one from the checkpoint's history") from None
+
+
+def _set_aside_if_damaged(folder: Path) -> Path | None:
+    """Move a damaged tracking database (and its -wal/-shm files) aside, kept; return where it went (None if sound).
+
+    Tracking must never stop training: the new database is filled from the checkpoint's log history.
+    """
+    db = _db_path(folder)
+    if not db.exists():
+        return None
+    try:
+        with contextlib.closing(sqlite3.connect(db, timeout=30)) as conn:
+            sound = conn.execute("PRAGMA quick_check").fetchone()[0] == "ok"
+    except sqlite3.OperationalError as e:
+        if "locked" in str(e) or "busy" in str(e):  # another process writes it: not damage
+            raise
+        sound = False
+    except sqlite3.DatabaseError:
+        sound = False
+    if sound:
+        return None
+    aside = db.with_name(f"{db.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(db, aside)
+    for suffix in ("-wal", "-shm"):
+        if (side := db.with_name(db.name + suffix)).exists():
+            os.replace(side, aside.with_name(aside.name + suffix))
+    return aside
 
 
 def _delete_after(folder: Path, name: str, step: int) -> int:
@@ -224,6 +254,7 @@ def _trackio_callback_class():
             if self._trackio.context_vars.current_run.get() is not None:
                 with contextlib.redirect_stdout(io.StringIO()):
                     self._trackio.finish()
+            damaged = _set_aside_if_damaged(self.folder)
             kept = _keep_aside(self.folder, args.project, name) if state.global_step == 0 else None
             removed = _delete_after(self.folder, name, state.global_step)
             have = {(s, _kind(m)) for _, s, m in _read(self.folder, name)}
@@ -234,6 +265,9 @@ def _trackio_callback_class():
             note = f"; {removed} row(s) after step {state.global_step} dropped (redone now)" if removed else ""
             fill = f"; {len(missing)} row(s) filled in from the checkpoint" if missing and have else ""
             kept = f"; the earlier tracked run without a checkpoint is kept as {kept!r}" if kept else ""
+            if damaged:
+                print(f"⚠ the tracking database was damaged: kept aside as {damaged.name}; a new one is filled "
+                      f"with the {len(missing)} row(s) of the checkpoint's history")
             print(f"Tracking: trackio run {name!r} in {self.folder} (project {args.project}{note}{fill}{kept})")
 
         def on_log(self, args, state, control, model=None, logs=None, **kwargs):

@@ -236,6 +236,27 @@ def test_resume_drops_rows_after_the_checkpoint_and_fills_missing_ones_before_it
     assert "2 row(s) after step 4 dropped" in capsys.readouterr().out
 
 
+def test_a_damaged_tracking_database_is_kept_aside_and_refilled_without_stopping_training(tmp_path, capsys):
+    from transformers import TrainerControl
+
+    folder = tmp_path / "c" / "tracking"
+    _log_rows(folder, "r", [1, 2, 3, 4])
+    db = folder / "qlora-lab.db"
+    whole = db.read_bytes()
+    db.write_bytes(whole[: len(whole) // 2])  # cut off by a disconnect or a Drive sync
+    with pytest.raises(LabError, match="tracking database .* is damaged .* run 02_train again"):
+        tracking._read(folder, "r")  # the dashboard's reader names the fix
+    cb = tracking._trackio_callback_class()(folder, None)
+    state = _resumed_state(step=4, total=10)
+    cb.on_train_begin(_trackio_args(tmp_path, "r"), state, TrainerControl())
+    cb.on_train_end(_trackio_args(tmp_path, "r"), state, TrainerControl())
+    aside = list(folder.glob("qlora-lab.db.damaged-*"))
+    assert len(aside) == 1 and aside[0].read_bytes() == whole[: len(whole) // 2]  # kept as it was
+    assert sorted(s for _, s, m in tracking._read(folder, "r") if "train/loss" in m) == [1, 2, 3, 4]
+    out = capsys.readouterr().out
+    assert f"⚠ the tracking database was damaged: kept aside as {aside[0].name}" in out
+
+
 def test_fresh_start_keeps_an_earlier_tracked_run_under_another_name_in_a_second_folder(tmp_path, capsys):
     from transformers import TrainerControl, TrainerState
 
