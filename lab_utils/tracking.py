@@ -172,7 +172,7 @@ def _read(folder: Path, name: str) -> list[tuple[int, int, dict]]:
 
 
 def _set_aside_if_damaged(folder: Path) -> Path | None:
-    """Move a damaged tracking database (and its -wal/-shm files) aside, kept; return where it went (None if sound).
+    """Move a damaged tracking database (and its -wal/-shm files) to set-aside/; return where it went (None if sound).
 
     Tracking must never stop training: the new database is filled from the checkpoint's log history.
     """
@@ -190,12 +190,10 @@ def _set_aside_if_damaged(folder: Path) -> Path | None:
         sound = False
     if sound:
         return None
-    aside = db.with_name(f"{db.name}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(db, aside)
-    for suffix in ("-wal", "-shm"):
-        if (side := db.with_name(db.name + suffix)).exists():
-            os.replace(side, aside.with_name(aside.name + suffix))
-    return aside
+    from .checkpoints import set_aside
+
+    sides = [db.with_name(db.name + suffix) for suffix in ("-wal", "-shm")]
+    return set_aside(folder.parent, [db, *[p for p in sides if p.exists()]])[0]  # <run>/set-aside/, with checkpoints
 
 
 def _delete_after(folder: Path, name: str, step: int) -> int:
@@ -266,7 +264,7 @@ def _trackio_callback_class():
             fill = f"; {len(missing)} row(s) filled in from the checkpoint" if missing and have else ""
             kept = f"; the earlier tracked run without a checkpoint is kept as {kept!r}" if kept else ""
             if damaged:
-                print(f"⚠ the tracking database was damaged: kept aside as {damaged.name}; a new one is filled "
+                print(f"⚠ the tracking database was damaged: kept as {damaged.parent.name}/{damaged.name}; a new one is filled "
                       f"with the {len(missing)} row(s) of the checkpoint's history")
             print(f"Tracking: trackio run {name!r} in {self.folder} (project {args.project}{note}{fill}{kept})")
 

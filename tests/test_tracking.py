@@ -250,11 +250,11 @@ def test_a_damaged_tracking_database_is_kept_aside_and_refilled_without_stopping
     state = _resumed_state(step=4, total=10)
     cb.on_train_begin(_trackio_args(tmp_path, "r"), state, TrainerControl())
     cb.on_train_end(_trackio_args(tmp_path, "r"), state, TrainerControl())
-    aside = list(folder.glob("qlora-lab.db.damaged-*"))
+    aside = list((folder.parent / "set-aside").glob("qlora-lab.db-*"))  # beside the checkpoints set aside
     assert len(aside) == 1 and aside[0].read_bytes() == whole[: len(whole) // 2]  # kept as it was
     assert sorted(s for _, s, m in tracking._read(folder, "r") if "train/loss" in m) == [1, 2, 3, 4]
     out = capsys.readouterr().out
-    assert f"⚠ the tracking database was damaged: kept aside as {aside[0].name}" in out
+    assert f"⚠ the tracking database was damaged: kept as set-aside/{aside[0].name}" in out
 
 
 def test_fresh_start_keeps_an_earlier_tracked_run_under_another_name_in_a_second_folder(tmp_path, capsys):
