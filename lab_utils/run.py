@@ -127,6 +127,12 @@ def _check_format(run_dir: Path) -> None:
     """LabError when the run folder was written by another version of the package (run.json's format)."""
     meta = run_dir / "run.json"
     if not meta.exists():
+        if next(run_dir.glob("checkpoints/checkpoint-*/lab_manifest.json"), None) is not None:
+            raise LabError(
+                f"run folder {run_dir} has checkpoints made by qlora-lab but its run.json is gone — restore run.json "
+                "from Drive's trash or version history (right-click → Manage versions), or use a new run_name; "
+                "this folder is left as it is"
+            )
         if (run_dir / "config.yaml").exists():
             raise LabError(
                 f"run folder {run_dir} has a config.yaml but no run.json, so it was not made by this qlora-lab "

@@ -643,6 +643,14 @@ CASES: list[Case] = [
         config="run_name: r\n", files={"runs/r/config.yaml": "run_name: r\n"},
     ),
     Case(
+        "run-json-lost", "Runs", "a trained run folder whose run.json is gone (Drive sync, a stray delete)", "00_setup",
+        "run folder {dir}/runs/r has checkpoints made by qlora-lab but its run.json is gone — restore run.json from "
+        "Drive's trash or version history (right-click → Manage versions), or use a new run_name; this folder is "
+        "left as it is",
+        config="run_name: r\n", files={"runs/r/config.yaml": "run_name: r\n",
+                                       "runs/r/checkpoints/checkpoint-2/lab_manifest.json": "{}"},
+    ),
+    Case(
         "saved-config-damaged", "Runs", "the run's saved config.yaml no longer parses", "01_data",
         "the run's saved config is unusable (config file '{dir}/runs/r/config.yaml': YAML syntax error at line 3, "
         "column 1: expected ',' or '}', but got '<stream end>' (while parsing a flow mapping that starts at line 2, "
