@@ -8,6 +8,7 @@ The `train:` section passes straight through to `trl.SFTConfig`; hardware-depend
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import shutil
@@ -352,7 +353,10 @@ def _trainer_class():
             super().log(logs, start_time)
 
         def _run_epoch(self, *args, **kwargs):
-            set_sampler_epoch(kwargs["train_dataloader"], kwargs["epoch"])  # before the resumed epoch's skip
+            # before the resumed epoch's skip; bound by name (transformers passes keywords, a patched loop may not)
+            given = inspect.signature(super()._run_epoch).bind_partial(*args, **kwargs).arguments
+            if "train_dataloader" in given and "epoch" in given:
+                set_sampler_epoch(given["train_dataloader"], given["epoch"])
             return super()._run_epoch(*args, **kwargs)
 
         def create_model_card(self, *args, **kwargs):
