@@ -496,7 +496,7 @@ def _estimate(settings: dict, cfg: dict, hardware, widest: tuple[int, int] | Non
     from lab_utils import defaults
     from lab_utils.training import _model_params
 
-    params, shape = _model_params(cfg)
+    params, real_shape = _model_params(cfg)
     kwargs = dict(
         model_params=params,
         lora_r=int(cfg["lora"].get("r", 32)),
@@ -507,7 +507,7 @@ def _estimate(settings: dict, cfg: dict, hardware, widest: tuple[int, int] | Non
         lora_dropout=float(cfg["lora"].get("lora_dropout", 0.0)),
         dtype_bytes=2 if hardware.kind == "cuda" else 4,
         device_kind=hardware.kind,
-        **{k: v for k, v in shape.items() if v},
+        **real_shape,
     )
     planned = defaults.estimate_memory(**kwargs)
     seen = (

@@ -82,7 +82,7 @@ EXPLAIN = {
 def _model_params(cfg: dict) -> tuple[float, dict]:
     """Return (parameter count, {"shape": its ModelShape as a dict}) from the model's config.json, without weights.
 
-    ({1.24e9, {}}: a Llama-3.2-1B-sized guess, when the config cannot be read.)"""
+    (1.24e9, {}) when the config cannot be read: a Llama-3.2-1B-sized guess, its widths by the Llama rule."""
     from transformers import AutoConfig
 
     from .memory import shape_from_config
@@ -124,7 +124,7 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
 
     cfg = run.cfg
     hw = hardware or detect_hardware()
-    params, shape = _model_params(cfg)
+    params, real_shape = _model_params(cfg)
     stats = (run.data_report() or {}).get("length_stats")
     user = {k: v for k, v in cfg["train"].items() if k in HARDWARE_KEYS}
     chosen = defaults.choose(
@@ -135,7 +135,7 @@ def train_settings(run, dataset=None, hardware=None) -> TrainPlan:
         length_stats=stats,
         user=user,
         fsdp=dist.fsdp_enabled(),
-        **{k: v for k, v in shape.items() if v},
+        **real_shape,
     )
     sft = dict(cfg["train"])
     for k in HARDWARE_KEYS:
